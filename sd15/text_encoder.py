@@ -1,0 +1,60 @@
+"""CLIP ViT-L/14 text transformer, as used by SD 1.x (Radford et al. 2021).
+
+Output is the final LayerNorm of the last layer for every position: [B, 77, 768]. There is no padding
+mask (SD was trained without one: padding tokens attend causally like any other token).
+"""
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import TextEncoderConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # OpenAI's CLIP was trained with this sigmoid approximation, not the exact GELU.
+    return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer with causal self-attention."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-5)
+        self.attn = Attention(cfg.width, cfg.num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-5)
+        self.mlp = MLP(cfg.width, cfg.mlp_ratio * cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=True)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig = TextEncoderConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.width, eps=1e-5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Positions are always 0..N-1, whatever position_ids tensor a checkpoint might carry.
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.token_embedding(ids) + self.position_embedding(positions)
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_norm(x)
