@@ -1,0 +1,78 @@
+"""Classifier-free guidance wrapper: the formula, one batched UNet call, the scale-1 shortcut, and the
+guided sampler against StableDiffusionPipeline's own CFG loop around a diffusers scheduler."""
+import pytest
+import torch
+
+from sd15.guidance import cfg_eps_model
+from sd15.samplers import denoise, make_plan, resolve_sampler
+from test_samplers import SHAPE, TOL, reference_scheduler, rel_err
+
+B = SHAPE[0]
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+
+
+class ToyUNet:
+    """unet(x, t, context) -> ε that depends on all three; records what each call received."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, context):
+        self.calls.append((x.shape[0], t, context))
+        assert t.shape == (x.shape[0],) and t.dtype == torch.float32 and t.device == x.device
+        c = context.mean(dim=(1, 2))[:, None, None, None]
+        return 0.1 * x * (1 + c) + torch.sin(t / 100)[:, None, None, None] + c
+
+
+def contexts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 77, 768, generator=g), torch.randn(B, 77, 768, generator=g)  # cond, uncond
+
+
+@pytest.mark.parametrize("t", [981.0, torch.tensor(981.0), torch.tensor([981.0] * B), torch.tensor(981)])
+@pytest.mark.parametrize("scale", [7.5, 0.0, 3.0])
+def test_formula_one_batched_call(scale, t):
+    cond, uncond = contexts()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    unet = ToyUNet()
+    eps = cfg_eps_model(unet, cond, uncond, scale)(x, t)
+    assert len(unet.calls) == 1
+    batch, t_seen, context = unet.calls[0]
+    assert batch == 2 * B and torch.equal(t_seen, torch.full((2 * B,), 981.0))
+    assert torch.equal(context[:B], uncond) and torch.equal(context[B:], cond)  # uncond first
+
+    reference = ToyUNet()
+    tt = torch.full((B,), 981.0)
+    eps_uncond, eps_cond = reference(x, tt, uncond), reference(x, tt, cond)
+    assert torch.allclose(eps, eps_uncond + scale * (eps_cond - eps_uncond), rtol=1e-6, atol=1e-6)
+
+
+def test_scale_one_is_one_conditional_call():
+    cond, uncond = contexts()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    unet = ToyUNet()
+    eps = cfg_eps_model(unet, cond, uncond, 1.0)(x, 500.0)
+    assert [(b, ctx is cond) for b, _, ctx in unet.calls] == [(B, True)]
+    assert torch.equal(eps, ToyUNet()(x, torch.full((B,), 500.0), cond))
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "ddim"])
+def test_guided_sampling_matches_pipeline_loop(name):
+    """Our sampler over cfg_eps_model == StableDiffusionPipeline's loop (CFG done in the loop)."""
+    cond, uncond = contexts(2)
+    unet, scale, steps = ToyUNet(), 7.5, 12
+    g = torch.Generator().manual_seed(0)
+    ours = denoise(make_plan(resolve_sampler(name), steps), cfg_eps_model(unet, cond, uncond, scale),
+                   torch.randn(SHAPE, generator=g), generator=g)
+
+    g = torch.Generator().manual_seed(0)
+    sched = reference_scheduler(name)
+    sched.set_timesteps(steps)
+    latents = torch.randn(SHAPE, generator=g) * sched.init_noise_sigma
+    context = torch.cat([uncond, cond])
+    for t in sched.timesteps:
+        model_input = sched.scale_model_input(torch.cat([latents] * 2), t)
+        eps_uncond, eps_text = unet(model_input, t.float().expand(2 * B), context).chunk(2)
+        eps = eps_uncond + scale * (eps_text - eps_uncond)
+        latents = sched.step(eps, t, latents, generator=g, return_dict=False)[0]
+    assert rel_err(ours, latents) <= TOL

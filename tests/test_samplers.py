@@ -1,0 +1,270 @@
+"""Samplers against diffusers' schedulers under the SD1.5 config (DESIGN.md §5).
+
+The reference schedulers are built the way users build them: DDIMScheduler with SD1.5's
+scheduler_config values, then `XScheduler.from_config(ddim.config)` for the others (that gives
+Euler / Euler a / DPM++ timestep_spacing="linspace", see test_reference_configs). The reference
+loop drives a scheduler by hand exactly as StableDiffusionPipeline / StableDiffusionImg2ImgPipeline
+do: set_timesteps, init_noise_sigma or get_timesteps + set_begin_index + add_noise, then
+scale_model_input -> model -> step(..., generator=g) per timestep.
+
+Metric: relative error = max|ours - ref| / max|ref|, float32 tensors, batch 2.
+"""
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler)
+
+from sd15.samplers import SAMPLERS, denoise, make_plan, resolve_sampler, sample
+from sd15.schedule import ScheduleConfig, alphas_cumprod
+
+TOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+SHAPE = (2, 4, 8, 8)
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1)
+REFERENCE = {  # our name -> (diffusers class, from_config overrides)
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+VP = ("ddim", "ddpm")  # schedulers without a sigmas table of their own
+
+
+def reference_scheduler(name):
+    cls, overrides = REFERENCE[name]
+    return cls.from_config(DDIMScheduler(**SD15).config, **overrides)
+
+
+def rel_err(ours, ref):
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def toy_eps(x, t):
+    """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
+
+
+def recording(model, log):
+    def eps_model(x, t):
+        log.append((x.clone(), float(t)))
+        return model(x, t)
+    return eps_model
+
+
+def reference_sigmas(name, sched):
+    """diffusers' σ per timestep (+ final); DDIM/DDPM keep ᾱ instead, converted here."""
+    if name not in VP:
+        return sched.sigmas.double()
+    abar = sched.alphas_cumprod.double()
+    final = sched.final_alpha_cumprod if name == "ddim" else torch.tensor(1.0)
+    abar = torch.cat([abar[sched.timesteps], final.double().reshape(1)])
+    return ((1 - abar) / abar).sqrt()
+
+
+def reference_loop(name, steps, model, noise, generator, x0=None, strength=1.0, eta=0.0):
+    """StableDiffusion(Img2Img)Pipeline's scheduler use, step for step. Returns the latents after each step."""
+    sched = reference_scheduler(name)
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps
+    if x0 is None:
+        latents = noise * sched.init_noise_sigma
+    else:  # get_timesteps + prepare_latents
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0)
+        timesteps = sched.timesteps[t_start * sched.order:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(t_start * sched.order)
+        latents = sched.add_noise(x0, noise, timesteps[:1].repeat(noise.shape[0]))
+    extra = {"generator": generator} | ({"eta": eta} if name == "ddim" else {})
+    out = []
+    for t in timesteps:
+        eps = model(sched.scale_model_input(latents, t), t)
+        latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
+        out.append(latents)
+    return out
+
+
+def run_both(name, steps, strength=None, eta=0.0, seed=0):
+    """Same seed, same draws, both sides; returns (ours, ref) step latents and model calls."""
+    x0 = None if strength is None else torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
+    ours_log, ref_log, results = [], [], []
+    for log in (ours_log, ref_log):
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(SHAPE, generator=g)
+        if log is ours_log:
+            plan = make_plan(resolve_sampler(name), steps, strength=strength or 1.0, eta=eta)
+            xs = list(sample(plan, recording(toy_eps, log), noise, x0=x0, generator=g))
+        else:
+            xs = reference_loop(name, steps, recording(toy_eps, log), noise, g, x0, strength or 1.0, eta)
+        results.append((xs, torch.randn(1, generator=g)))  # the generator's next draw: same consumption
+    return results, ours_log, ref_log
+
+
+def check(results, ours_log, ref_log, tol=TOL):
+    (ours, ours_next), (ref, ref_next) = results
+    assert len(ours) == len(ref) == len(ours_log) == len(ref_log)
+    for (x_ours, t_ours), (x_ref, t_ref) in zip(ours_log, ref_log):
+        assert t_ours == pytest.approx(t_ref, abs=2e-3)  # the UNet sees the same t ...
+        assert rel_err(x_ours, x_ref) <= tol  # ... and the same input
+    for a, b in zip(ours, ref):
+        assert rel_err(a, b) <= tol
+    assert torch.equal(ours_next, ref_next)
+
+
+# ---- schedules ----
+
+def test_reference_configs():
+    """What from_config(SD1.5 DDIM config) gives: the non-DDIM classes fall back to their own defaults."""
+    assert reference_scheduler("ddim").config.timestep_spacing == "leading"
+    assert reference_scheduler("ddpm").config.timestep_spacing == "leading"
+    for name in ("euler", "euler_a", "dpmpp_2m"):
+        cfg = reference_scheduler(name).config
+        assert cfg.timestep_spacing == "linspace" and cfg.steps_offset == 1
+    dpm = reference_scheduler("dpmpp_2m").config
+    assert (dpm.algorithm_type, dpm.solver_order, dpm.lower_order_final, dpm.final_sigmas_type,
+            dpm.euler_at_final) == ("dpmsolver++", 2, True, "zero", False)
+    assert reference_scheduler("euler").config.final_sigmas_type == "zero"
+
+
+def test_alphas_cumprod_match_diffusers():
+    ours = alphas_cumprod(ScheduleConfig())
+    assert ours.dtype == torch.float64 and ours.shape == (1000,)
+    assert rel_err(ours, DDIMScheduler(**SD15).alphas_cumprod) < 1e-6
+
+
+def test_ddim_50_steps():
+    plan = make_plan(resolve_sampler("ddim"), 50)
+    assert plan.timesteps.tolist() == list(range(981, 0, -20))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 20, 25, 50])
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_timesteps_and_sigmas(name, steps):
+    sched = reference_scheduler(name)
+    sched.set_timesteps(steps)
+    plan = make_plan(resolve_sampler(name), steps)
+    if name == "euler_karras":  # fractional t from σ: diffusers interpolates in float32
+        assert torch.allclose(plan.timesteps, sched.timesteps.double(), rtol=0, atol=1e-4)
+    else:
+        assert plan.timesteps.tolist() == sched.timesteps.double().tolist()
+    assert torch.allclose(plan.sigmas, reference_sigmas(name, sched), rtol=1e-6, atol=0)
+    assert plan.init_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"])
+def test_integer_grids_sweep(name):
+    for steps in range(1, 121):
+        sched = reference_scheduler(name)
+        sched.set_timesteps(steps)
+        assert make_plan(resolve_sampler(name), steps).timesteps.tolist() == sched.timesteps.double().tolist()
+
+
+def test_dpmpp_karras_rounding_sweep():
+    """Karras timesteps are rounded σ→t; with ᾱ accumulated in float32 as diffusers does, no t that lands
+    near .5 rounds the other way (with a float64 table, steps 18, 35, 43, 52, ... would be off by one)."""
+    for steps in range(1, 121):
+        sched = reference_scheduler("dpmpp_2m_karras")
+        sched.set_timesteps(steps)
+        plan = make_plan(resolve_sampler("dpmpp_2m_karras"), steps)
+        assert plan.timesteps.tolist() == sched.timesteps.double().tolist()
+        assert torch.allclose(plan.sigmas, sched.sigmas.double(), rtol=1e-6, atol=0)
+
+
+# ---- one step ----
+
+@pytest.mark.parametrize("steps,start", [(10, 0), (10, 3), (10, 9), (20, 5)])
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_one_step(name, steps, start):
+    """A plan that starts at step `start` (img2img) makes one step equal to scheduler.step there."""
+    g = torch.Generator().manual_seed(start)
+    x, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    plan = make_plan(resolve_sampler(name), steps, strength=(steps - start) / steps)
+    ours = next(plan.sampler.fn(lambda x_in, t: eps, x, plan, torch.Generator().manual_seed(1)))
+    sched = reference_scheduler(name)
+    sched.set_timesteps(steps)
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    t = sched.timesteps[start]
+    sched.scale_model_input(x, t)
+    ref = sched.step(eps, t, x, generator=torch.Generator().manual_seed(1), return_dict=False)[0]
+    assert rel_err(ours, ref) <= TOL
+
+
+# ---- whole loops, toy model, same seed ----
+
+CASES = [(name, 0.0) for name in REFERENCE] + [("ddim", 0.5), ("ddim", 1.0)]
+IDS = [f"{n}-eta{e}" if e else n for n, e in CASES]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 25])
+@pytest.mark.parametrize("name,eta", CASES, ids=IDS)
+def test_txt2img_loop(name, eta, steps):
+    check(*run_both(name, steps, eta=eta), tol=TOL)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+@pytest.mark.parametrize("name,eta", CASES, ids=IDS)
+def test_img2img_loop(name, eta, strength, steps):
+    check(*run_both(name, steps, strength=strength, eta=eta))
+
+
+def test_denoise_is_last_step():
+    plan = make_plan(resolve_sampler("dpmpp_2m_karras"), 8)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(denoise(plan, toy_eps, noise), list(sample(plan, toy_eps, noise))[-1])
+
+
+# ---- names and errors ----
+
+@pytest.mark.parametrize("alias,name", [
+    ("ddim", "ddim"), ("DDIM", "ddim"), ("DDPM", "ddpm"), ("Euler", "euler"), ("euler", "euler"),
+    ("Euler a", "euler_a"), ("euler_a", "euler_a"), ("EULER A", "euler_a"), ("k_euler_a", "euler_a"),
+    ("euler_ancestral", "euler_a"), ("euler_karras", "euler_karras"), ("Euler Karras", "euler_karras"),
+    ("DPM++ 2M", "dpmpp_2m"), ("dpmpp_2m", "dpmpp_2m"), ("dpm++ 2m", "dpmpp_2m"), ("k_dpmpp_2m", "dpmpp_2m"),
+    ("DPM++ 2M Karras", "dpmpp_2m_karras"), ("dpmpp_2m_karras", "dpmpp_2m_karras"),
+    ("  dpm++  2M  karras ", "dpmpp_2m_karras"),
+])
+def test_resolve_aliases(alias, name):
+    assert resolve_sampler(alias).name == name
+
+
+def test_resolve_split_schedule_type_and_labels():
+    spec = resolve_sampler("DPM++ 2M", "Karras")
+    assert (spec.name, spec.label, spec.schedule_type) == ("dpmpp_2m_karras", "DPM++ 2M", "Karras")
+    assert resolve_sampler("Euler a", "Automatic").name == "euler_a"
+    spec = resolve_sampler("euler_a")
+    assert (spec.label, spec.schedule_type) == ("Euler a", "Automatic")
+
+
+@pytest.mark.parametrize("bad", ["plms", "Euler a Karras", "", "dpmpp_2m_sde"])
+def test_unknown_sampler_lists_valid_names(bad):
+    with pytest.raises(ValueError) as err:
+        resolve_sampler(bad)
+    for name in SAMPLERS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001, 2.0])
+def test_bad_steps(steps):
+    with pytest.raises(ValueError, match="steps"):
+        make_plan(resolve_sampler("euler"), steps)
+
+
+def test_bad_strength_and_eta():
+    spec = resolve_sampler("ddim")
+    for strength in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            make_plan(spec, 10, strength=strength)
+    with pytest.raises(ValueError, match="no step to run"):
+        make_plan(spec, 3, strength=0.3)  # int(0.9) == 0 steps kept
+    for sampler, eta in (("euler_a", 0.5), ("ddim", -0.1), ("ddim", 1.5)):
+        with pytest.raises(ValueError, match="eta"):
+            make_plan(resolve_sampler(sampler), 10, eta=eta)
+    with pytest.raises(ValueError, match="init image"):
+        sample(make_plan(spec, 10, strength=0.5), toy_eps, torch.zeros(SHAPE))
