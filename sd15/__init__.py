@@ -1,0 +1,38 @@
+"""sd15: a Stable Diffusion 1.x inference engine written by hand in PyTorch.
+
+    import sd15
+    pipe = sd15.load("v1-5-pruned-emaonly.safetensors")
+    image = pipe.txt2img("a lighthouse at dusk, oil painting", seed=42)[0]
+"""
+
+from pathlib import Path
+
+import torch
+
+from tokenizer import CLIPTokenizer
+from weights_map.errors import CheckpointError
+
+from .config import TextEncoderConfig, UNetConfig, VAEConfig
+from .loader import Configs, load_models
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from .samplers import SAMPLERS, resolve_sampler
+
+__all__ = ["load", "Pipeline", "CheckpointError", "Configs", "UNetConfig", "VAEConfig", "TextEncoderConfig",
+           "SAMPLERS", "resolve_sampler", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
+
+
+def load(path, *, vae=None, device=None, dtype=None, ema=False, configs: Configs | None = None) -> Pipeline:
+    """Load an original SD 1.x checkpoint (.safetensors, .ckpt, legacy torch file) into a Pipeline.
+
+    vae: a separate VAE file replacing the checkpoint's VAE. device: defaults to CUDA when available,
+    else CPU. dtype: defaults to float16 on CUDA, float32 elsewhere. ema: take the EMA UNet weights when
+    the file has them (the default follows diffusers and A1111: the regular weights).
+    configs: model sizes; by default SD1.5's, or the ones a tools.make_checkpoint file records.
+    Raises CheckpointError for any file that cannot or will not be loaded.
+    """
+    text_encoder, unet, vae_model, ckpt = load_models(path, vae=vae, device=device, dtype=dtype, ema=ema,
+                                                      configs=configs)
+    param = next(unet.parameters())
+    return Pipeline(tokenizer=CLIPTokenizer(), text_encoder=text_encoder, unet=unet, vae=vae_model,
+                    device=param.device, dtype=param.dtype, checkpoint_path=Path(path),
+                    vae_path=Path(vae) if vae is not None else None, quirks=list(ckpt.quirks))
