@@ -1,0 +1,171 @@
+"""Reference models for parity tests: diffusers / transformers built from the same original-layout tensors.
+
+DESIGN.md §5: the reference is diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers'
+`CLIPTextModel`, configured from our config dataclasses, built on the meta device and filled with
+diffusers' own LDM converters (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+`convert_ldm_clip_checkpoint`). Those converters are an independent witness of the checkpoint layout:
+if `weights_map.keymap` is wrong, the two sets of models disagree.
+
+    sd = random_state_dict()                 # or random_full_state_dict(), or a real checkpoint's dict
+    ref = reference_models(sd, TINY)         # .unet / .vae / .text_encoder, eval mode, no grad
+    ours = engine_models(sd, TINY)
+
+Both load with `load_state_dict(strict=True, assign=True)`, so a missing or stray key fails loudly and
+the models share the dict's tensors (no copy: full size costs the dict's memory once, not three times).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.text_encoder import TextEncoder
+from sd15.unet import UNet
+from sd15.vae import VAE
+from tools.make_checkpoint import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE
+from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from weights_map.remap import remap
+
+# Merged checkpoints carry a `position_ids` buffer (sometimes broken floats); both sides ignore it.
+POSITION_IDS = "text_model.embeddings.position_ids"
+
+
+@dataclass(frozen=True)
+class Configs:
+    unet: UNetConfig = UNetConfig()
+    vae: VAEConfig = VAEConfig()
+    text: TextEncoderConfig = TextEncoderConfig()
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+
+
+FULL = Configs()
+TINY = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)
+
+
+# ---- config translation: our dataclasses -> diffusers / transformers keyword arguments ---------------
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """SD1.5's `unet/config.json` for the defaults; the same translation for tiny configs."""
+    levels = range(len(cfg.channel_mult))
+    down = [("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D") for i in levels]
+    up = [("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D") for i in reversed(levels)]
+    return dict(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
+        down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2DCrossAttn",
+        layers_per_block=cfg.num_res_blocks,
+        attention_head_dim=cfg.num_heads,       # sic: SD1.5's diffusers config names the head *count* so
+        cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups, norm_eps=1e-5,
+        act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+        center_input_sample=False, use_linear_projection=False, upcast_attention=False,
+        transformer_layers_per_block=1,
+    )
+
+
+def diffusers_vae_config(cfg: VAEConfig) -> dict:
+    """SD1.5's `vae/config.json` for the defaults."""
+    n = len(cfg.channel_mult)
+    return dict(
+        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        latent_channels=cfg.latent_channels, block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, act_fn="silu",
+        scaling_factor=0.18215,
+    )
+
+
+def clip_text_config(cfg: TextEncoderConfig, **overrides) -> CLIPTextConfig:
+    """SD1.5's `text_encoder/config.json` (openai/clip-vit-large-patch14) for the defaults.
+
+    bos/eos/pad ids are the published file's (0/2/1, pre-#24773); they only pick the pooled output,
+    which SD does not use (tests check that `last_hidden_state` ignores them).
+    """
+    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_ratio * cfg.width,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  max_position_embeddings=cfg.max_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                  attention_dropout=0.0, dropout=0.0)
+    return CLIPTextConfig(**(kwargs | overrides))
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+def _load(model: torch.nn.Module, state_dict: dict, name: str) -> torch.nn.Module:
+    model.load_state_dict(state_dict, strict=True, assign=True)   # raises on missing/unexpected keys
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{name}: tensors still on the meta device after loading: {left}")
+    return model.eval().requires_grad_(False)
+
+
+def reference_unet(sd: dict, cfg: UNetConfig) -> UNet2DConditionModel:
+    config = diffusers_unet_config(cfg)
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**config)
+    return _load(model, convert_ldm_unet_checkpoint(sd, config), "diffusers UNet")
+
+
+def reference_vae(sd: dict, cfg: VAEConfig) -> AutoencoderKL:
+    config = diffusers_vae_config(cfg)
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    return _load(model, convert_ldm_vae_checkpoint(sd, config), "diffusers VAE")
+
+
+def reference_text_encoder(sd: dict, cfg: TextEncoderConfig, **config_overrides) -> CLIPTextModel:
+    with torch.device("meta"):
+        model = CLIPTextModel(clip_text_config(cfg, **config_overrides))
+    # The converter only strips `cond_stage_model.transformer.`; it leaves any `position_ids` in, and
+    # that buffer is non-persistent in transformers (not a state_dict key), so drop it here.
+    state = convert_ldm_clip_checkpoint(sd)
+    state.pop(POSITION_IDS, None)
+    if not hasattr(model, "text_model"):   # transformers >= 5.6 flattened CLIPTextModel (as diffusers handles)
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    # The non-persistent position_ids buffer was created on meta and load_state_dict does not touch it.
+    embeddings = (model.text_model if hasattr(model, "text_model") else model).embeddings
+    embeddings.position_ids = torch.arange(cfg.max_length)[None]
+    return _load(model, state, "transformers CLIPTextModel")
+
+
+def reference_models(sd: dict, configs: Configs = FULL) -> Models:
+    """diffusers/transformers models filled from an original-layout dict by diffusers' converters."""
+    return Models(reference_unet(sd, configs.unet), reference_vae(sd, configs.vae),
+                  reference_text_encoder(sd, configs.text))
+
+
+def component(sd: dict, name: str) -> dict:
+    """One component's tensors with the checkpoint prefix removed (`name`: unet, vae or text_encoder)."""
+    prefix = PREFIX[name]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _engine(module_cls, cfg, sd: dict, name: str, key_map: dict, transforms=None) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    source = component(sd, name)
+    source.pop(POSITION_IDS, None)            # DESIGN.md §3: positions are always 0..76
+    state = remap(source, key_map, shapes, component=name, transform_names=transforms)
+    return _load(model, state, f"engine {name}")
+
+
+def engine_models(sd: dict, configs: Configs = FULL) -> Models:
+    """Our models from the same dict, through `weights_map.remap` (what `sd15.loader` does for users)."""
+    return Models(_engine(UNet, configs.unet, sd, "unet", unet_key_map(configs.unet)),
+                  _engine(VAE, configs.vae, sd, "vae", vae_key_map(configs.vae), vae_transforms(configs.vae)),
+                  _engine(TextEncoder, configs.text, sd, "text_encoder", text_key_map(configs.text)))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|ours - ref| / max|ref| (the parity metric: relative to the reference's largest magnitude)."""
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
