@@ -60,15 +60,6 @@ def configs_to_metadata(configs: Configs) -> dict[str, str]:
             for field, (key, _cls) in CONFIG_METADATA.items()}
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str] | None:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata()
-    except Exception:            # not a safetensors file: the checkpoint reader says what it is
-        return None
-
-
 def build(module_cls, cfg, tensors, key_map, *, component, device, dtype, transforms=None) -> nn.Module:
     """Meta-built module filled with the file's tensors: renamed, checked, cast only where needed."""
     with torch.device("meta"):
@@ -87,10 +78,9 @@ def load_models(path, *, vae=None, device=None, dtype=None, ema=False, configs: 
     path = Path(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
-    if configs is None:
-        configs = configs_from_metadata(_safetensors_metadata(path))
-
     ckpt = read_sd1_checkpoint(path, ema=ema, require_vae=vae is None)
+    if configs is None:
+        configs = configs_from_metadata(ckpt.metadata)
     vae_tensors = ckpt.vae
     if vae is not None:
         vae_tensors = read_vae_file(Path(vae))
