@@ -1,0 +1,269 @@
+"""`python -m sd15.generate`, run as users run it: a real subprocess on a tiny checkpoint file.
+
+Every subprocess pays for importing torch (~3-4 s on the shared test CPU), so the command line runs
+here are few and each checks several things; the full matrix of bad arguments runs in-process through
+`main(argv)` with the model loader replaced by a tripwire, which proves no model is loaded for them.
+Subprocesses get OMP_NUM_THREADS=1 (tiny models run 10-20x faster single-threaded on a busy 2-core CPU).
+"""
+
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sd15.generate as generate
+from sd15.png import read_parameters
+from sd15.samplers import SAMPLERS
+from tools.make_checkpoint import save, tiny_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
+           "--eta", "--seed", "--width", "--height", "--batch-size", "--init-image", "--strength", "--out",
+           "--device", "--dtype", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_state_dict, tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-model_v1.safetensors"
+    save(tiny_state_dict, path, metadata=tiny_metadata())
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_hash(ckpt):
+    return hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
+
+
+@pytest.fixture
+def init_png(tmp_path):
+    y, x = np.mgrid[0:53, 0:70]
+    path = tmp_path / "init.png"
+    Image.fromarray(np.stack([x * 3, y * 4, x + y], -1).astype(np.uint8)).save(path)
+    return path
+
+
+def cli_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != generate.CKPT_ENV}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | extra
+
+
+def cli(*args, cwd, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sd15.generate", *map(str, args)], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict]:
+    """(prompt, negative prompt, {key: value}) from an A1111 parameters text; quoted values unquoted."""
+    lines = text.split("\n")
+    negative = lines[1].removeprefix("Negative prompt: ") if len(lines) == 3 else ""
+    pairs = re.findall(r'([A-Za-z][\w ]*): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', lines[-1])
+    return lines[0], negative, {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+def assert_usage_error(result, message):
+    """One readable line, no traceback, exit status 2."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# ---- real runs -----------------------------------------------------------------------------------
+
+def test_txt2img_into_a_new_folder(ckpt, model_hash, tmp_path):
+    out = tmp_path / "new" / "nested"
+    result = cli("--ckpt", ckpt, "--prompt", "a lighthouse, at dusk", "--negative-prompt", "blurry", "--steps", 3,
+                 "--sampler", "Euler a", "--cfg-scale", 6, "--seed", 123, "--width", 64, "--height", 48,
+                 "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = out / "00000-123.png"
+    assert result.stdout.splitlines() == [str(path)]
+    assert "seed: 123" in result.stderr and "sampling" in result.stderr        # progress bar on stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000-123.png"]          # no temp file left
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (64, 48) and image.mode == "RGB"
+    prompt, negative, fields = parse_parameters(read_parameters(path))
+    assert (prompt, negative) == ("a lighthouse, at dusk", "blurry")
+    assert fields == {"Steps": "3", "Sampler": "Euler a", "Schedule type": "Automatic", "CFG scale": "6.0",
+                      "Seed": "123", "Size": "64x48", "Model hash": model_hash, "Model": "tiny-model_v1"}
+
+
+def test_env_checkpoint_batch_and_folder_numbering(ckpt, model_hash, tmp_path):
+    """$SD15_CKPT stands in for --ckpt; a folder's numbering continues; a batch gives one file each."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    (out / "00007-1.png").write_bytes(b"someone else's")
+    result = cli("--prompt", "a cat", "--steps", 2, "--seed", 9, "--width", 32, "--height", 32, "--batch-size", 2,
+                 "--quiet", cwd=tmp_path, env=cli_env(SD15_CKPT=str(ckpt)))       # --out defaults to ./outputs
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["outputs/00008-9.png", "outputs/00009-9.png"]
+    assert "sampling" not in result.stderr                                      # --quiet
+    assert (out / "00007-1.png").read_bytes() == b"someone else's"
+    for pos in (0, 1):
+        _, negative, fields = parse_parameters(read_parameters(out / f"0000{8 + pos}-9.png"))
+        assert negative == "" and fields["Model hash"] == model_hash and fields["Seed"] == "9"
+        assert fields["Sampler"] == "DPM++ 2M" and fields["Schedule type"] == "Karras"       # the default
+        assert (fields["Batch size"], fields["Batch pos"]) == ("2", str(pos))
+    assert not np.array_equal(*(np.asarray(Image.open(out / f"0000{i}-9.png")) for i in (8, 9)))
+
+
+def test_img2img_to_a_file_name(ckpt, init_png, tmp_path):
+    result = cli("--ckpt", ckpt, "--prompt", "a fox", "--init-image", init_png, "--strength", 0.5, "--steps", 4,
+                 "--sampler", "ddim", "--seed", 5, "--batch-size", 2, "--out", tmp_path / "fox.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    paths = [tmp_path / "fox-0.png", tmp_path / "fox-1.png"]
+    assert result.stdout.splitlines() == [str(p) for p in paths]
+    for path in paths:
+        assert Image.open(path).size == (64, 48)                               # 70x53 rounded down to x8
+        _, _, fields = parse_parameters(read_parameters(path))
+        assert fields["Denoising strength"] == "0.5" and fields["Size"] == "64x48" and fields["Sampler"] == "DDIM"
+
+
+def test_demo(tmp_path):
+    result = cli("--demo", "--prompt", "anything", "--steps", 2, "--width", 64, "--height", 64, "--seed", 1,
+                 "--out", tmp_path / "demo.png", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(tmp_path / "demo.png")]         # one image: exactly that name
+    assert "DEMO" in result.stderr and "noise" in result.stderr
+    with Image.open(tmp_path / "demo.png") as image:
+        assert image.size == (64, 64)
+        assert "Model: tiny-random-demo" in image.text["parameters"]
+
+
+def test_ctrl_c_leaves_no_file(ckpt, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sd15.generate", "--ckpt", str(ckpt), "--prompt", "x", "--steps", "1000",
+         "--width", "256", "--height", "256", "--out", str(out)], cwd=tmp_path, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # even if our SIGINT is ignored
+    try:
+        seen, deadline = b"", time.monotonic() + 90
+        while not re.search(rb"sampling: .*\b[1-9]\d*/1000", seen):         # a step has run
+            assert process.poll() is None and time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([process.stderr], [], [], 1)[0]:
+                seen += os.read(process.stderr.fileno(), 4096)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "interrupted" in stderr.decode() and "Traceback" not in stderr.decode() and stdout == b""
+    assert list(out.iterdir()) == []                                          # no .png, no temp file
+
+
+# ---- refusals that need no model -----------------------------------------------------------------
+
+def test_existing_file_is_never_overwritten(ckpt, tmp_path):
+    target = tmp_path / "taken.png"
+    target.write_bytes(b"precious")
+    result = cli("--ckpt", ckpt, "--prompt", "x", "--out", target, cwd=tmp_path)
+    assert_usage_error(result, "already exists")
+    assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500, so the folder is not unwritable")
+def test_unwritable_folder(ckpt, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o500)
+    try:
+        assert_usage_error(cli("--ckpt", ckpt, "--prompt", "x", "--out", folder, cwd=tmp_path), "cannot write")
+    finally:
+        folder.chmod(0o700)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["no checkpoint", "garbage file"])
+def test_bad_input_from_the_command_line(tmp_path, case):
+    """Two of the refusals below as real runs: $SD15_CKPT unset, and a file the loader refuses."""
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01 this is not a checkpoint" * 10)
+    args, message = {"no checkpoint": ([], r"no checkpoint: pass --ckpt FILE or set \$SD15_CKPT"),
+                     "garbage file": (["--ckpt", tmp_path / "garbage.safetensors"], "garbage.safetensors")}[case]
+    assert_usage_error(cli("--prompt", "x", "--out", tmp_path / "out", *args, cwd=tmp_path), message)
+    assert not list(tmp_path.glob("out/*"))
+
+
+# ---- every argument check, in-process, with a tripwire on the model loader ----------------------
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the model was loaded for an argument error")
+    monkeypatch.setattr(generate, "load_pipeline", tripwire)
+    monkeypatch.delenv(generate.CKPT_ENV, raising=False)
+
+
+ARGUMENT_ERRORS = {
+    "width 513": (["--width", "513"], "width must be a multiple of 8.*try 512 or 520"),
+    "height 0": (["--height", "0"], "height must be positive"),
+    "steps 0": (["--steps", "0"], "steps must be an integer from 1"),
+    "steps 1001": (["--steps", "1001"], "steps must be an integer from 1"),
+    "sampler nope": (["--sampler", "nope"], "unknown sampler 'nope'; valid names: " + ", ".join(SAMPLERS)),
+    "cfg nan": (["--cfg-scale", "nan"], "guidance scale must be a finite number"),
+    "cfg inf": (["--cfg-scale", "inf"], "guidance scale must be a finite number"),
+    "batch 0": (["--batch-size", "0"], "batch size"),
+    "seed -1": (["--seed", "-1"], "seed must be"),
+    "eta on euler": (["--eta", "0.5", "--sampler", "euler"], "eta"),
+    "eta 1.5": (["--eta", "1.5", "--sampler", "ddim"], "eta"),
+    "strength 2": (["--init-image", "INIT", "--strength", "2"], "strength must be in"),
+    "strength 0": (["--init-image", "INIT", "--strength", "0"], "strength must be in"),
+    "strength leaves no step": (["--init-image", "INIT", "--strength", "0.1", "--steps", "5"], "no step to run"),
+    "no checkpoint": (["--ckpt", ""], "no checkpoint: pass --ckpt FILE or set \\$SD15_CKPT"),
+    "missing checkpoint": (["--ckpt", "MISSING"], "does not exist"),
+    "missing vae": (["--vae", "MISSING"], "VAE file .* does not exist"),
+    "missing init image": (["--init-image", "MISSING"], "does not exist"),
+    "init image not an image": (["--init-image", "TEXT"], "could not be read"),
+    "existing out file": (["--out", "TAKEN"], "already exists"),
+    "out is a file": (["--out", "TEXT"], "exists and is not a folder"),
+    "out under a file": (["--out", "TEXT/sub"], "cannot create output folder"),   # ENOTDIR, even for root
+}
+
+
+@pytest.mark.parametrize("case", ARGUMENT_ERRORS)
+def test_argument_errors_fail_before_loading(case, ckpt, init_png, tmp_path, no_model, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "taken.png").write_bytes(b"precious")
+    names = {"INIT": init_png, "MISSING": tmp_path / "missing.file", "TEXT": tmp_path / "notes.txt",
+             "TEXT/sub": tmp_path / "notes.txt" / "sub", "TAKEN": tmp_path / "taken.png"}
+    args, message = ARGUMENT_ERRORS[case]
+    argv = ["--prompt", "x", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"),
+            *(str(names.get(a, a)) for a in args)]
+    assert generate.main(argv) == generate.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+    assert (tmp_path / "taken.png").read_bytes() == b"precious"
+
+
+def test_help_mentions_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    documented = {s for a in generate.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert documented == set(OPTIONS) | {"--help"}
+    for option in documented:
+        assert re.search(rf"(^|\s|\[){re.escape(option)}\b", text), option
+    assert all(name in " ".join(text.split()) for name in SAMPLERS)
+    assert "SD15_CKPT" in text
+
+
+@pytest.mark.parametrize("argv", [["--steps", "3"], ["--prompt", "x", "--steps", "many"],
+                                  ["--prompt", "x", "--dtype", "float8"], ["--prompt", "x", "--bogus"]])
+def test_argparse_errors_exit_2(argv, no_model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generate.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err

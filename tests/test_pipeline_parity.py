@@ -1,0 +1,305 @@
+"""End-to-end parity: `sd15.Pipeline` against diffusers' StableDiffusion(Img2Img)Pipeline (DESIGN.md §5).
+
+Our side is what users run: `sd15.load(file)` on a tiny random-weight .safetensors written to disk by
+tools.make_checkpoint, then `txt2img` / `img2img` with a seed. The reference side is diffusers'
+pipelines built from `reference.reference_models` on the same original-layout tensors (diffusers' own
+LDM converters), with a *real* transformers `CLIPTokenizer` whose vocab.json / merges.txt are derived
+from our bundled merges file (tools/make_tokenizer_golden.py), so the prompts go through both
+tokenizers, not through shared token ids. Schedulers are configured as users configure them for SD1.5:
+DDIMScheduler(SD1.5 values) and `X.from_config(ddim.config)` (+ use_karras_sigmas), as in test_samplers.
+
+Both sides get `torch.Generator().manual_seed(seed)` and nothing else in common.
+
+What is compared, per case:
+  - the latents after every step (our progress callback vs diffusers' callback_on_step_end), relative
+    error max|ours - ref| / max|ref|;
+  - the decoded float images before clamping (both VAEs on the final latents), relative error;
+  - the uint8 pixels of the PIL images each pipeline returns: fraction identical, max |diff|, PSNR.
+
+Measured on the test CPU (torch 2.13, diffusers 0.42.1, one intra-op thread), tiny configs, 64x64,
+10 steps txt2img / 8 steps img2img, CFG 7.5, over every case below: latents rel err <= 2.9e-6, decoded
+rel err <= 2.5e-6; pixels max |diff| <= 1 (a rounding flip of (x/2+0.5)·255 where the float lands
+within ~1e-6 of .5), >= 99.978% identical, PSNR >= 84.8 dB; about half the cases are bit-identical.
+Full SD1.5 size, fp32, DPM++ 2M Karras, 2 steps, 64x64: latents 1.0e-7, decoded 7.9e-7, pixels identical.
+Bounds, a little looser: latents and decoded 1e-5; pixels max diff <= 1, >= 99.5% identical, >= 60 dB.
+`pytest -s` prints the figures of each case.
+"""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+from PIL import Image
+from transformers import CLIPTokenizer as ReferenceTokenizer
+
+import sd15
+from reference import FULL, engine_models, reference_models, rel_err
+from sd15.latents import LATENT_SCALE
+from tokenizer import CLIPTokenizer
+from tools.make_checkpoint import random_full_state_dict, save, tiny_metadata
+from tools.make_tokenizer_golden import derive_vocab_and_merges
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+LATENT_TOL = 1e-5
+PIXEL_MAX_DIFF = 1          # one rounding flip of (x/2+0.5)·255 at most
+PIXEL_IDENTICAL = 0.995     # fraction of uint8 values that must be exactly equal
+PIXEL_PSNR = 60.0           # dB
+
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, steps_offset=1)
+SCHEDULERS = {  # our sampler name -> (diffusers class, from_config overrides), as in test_samplers.py
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+PROMPT = "a lighthouse at dusk, oil painting"
+NEGATIVE = "blurry, low quality"
+
+
+def reference_scheduler(name: str):
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(DDIMScheduler(**SD15_SCHEDULER).config, **overrides)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a small shared CPU: one intra-op thread runs them 10-20x faster than two (no
+    threads spinning against other processes). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_state_dict, tmp_path_factory):
+    """Our pipeline, loaded from a real tiny checkpoint file on disk."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save(tiny_state_dict, path, metadata=tiny_metadata())
+    return sd15.load(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """transformers' CLIPTokenizer with the hub's openai/clip-vit-large-patch14 vocab, derived locally."""
+    vocab, merges, _ = derive_vocab_and_merges(tmp_path_factory.mktemp("tokenizer"))
+    return ReferenceTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tokenizer):
+    """Components for diffusers' pipelines; the scheduler is added per call."""
+    ref = tiny_models[0]
+    return dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# ---- running both sides --------------------------------------------------------------------------
+
+def run_ours(pipe, method, sampler, seed, **kwargs):
+    steps = []
+    images = getattr(pipe, method)(sampler=sampler, seed=seed, progress=lambda i, n, x: steps.append(x.clone()),
+                                   **kwargs)
+    return images, steps
+
+
+def run_reference(components, cls, sampler, seed, **kwargs):
+    pipe = cls(**components, scheduler=reference_scheduler(sampler))
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+
+    def on_step_end(_pipe, _i, _t, tensors):
+        steps.append(tensors["latents"].clone())
+        return {}
+
+    out = pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
+               **({"output_type": "pil"} | kwargs))
+    return out.images, steps, pipe.vae
+
+
+def pixel_stats(ours: list[Image.Image], ref: list[Image.Image]) -> tuple[float, int, float]:
+    """(fraction of identical uint8 values, max |difference|, PSNR in dB) over the whole batch."""
+    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
+    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return float(np.mean(diff == 0)), int(diff.max()), psnr
+
+
+def check(pipe, ours_out, ref_out, latent_tol=LATENT_TOL):
+    (our_images, our_steps), (ref_images, ref_steps, ref_vae) = ours_out, ref_out
+    assert len(our_steps) == len(ref_steps) > 0
+    for i, (a, b) in enumerate(zip(our_steps, ref_steps)):
+        assert a.shape == b.shape
+        assert rel_err(a, b) <= latent_tol, f"latents differ after step {i + 1}"
+    with torch.inference_mode():
+        decoded_ours = pipe.decode(our_steps[-1])
+        decoded_ref = ref_vae.decode(ref_steps[-1] / LATENT_SCALE).sample
+    assert rel_err(decoded_ours, decoded_ref) <= latent_tol
+    assert [im.size for im in our_images] == [im.size for im in ref_images]
+    assert all(im.mode == "RGB" for im in our_images)
+    identical, max_diff, psnr = pixel_stats(our_images, ref_images)
+    assert max_diff <= PIXEL_MAX_DIFF and identical >= PIXEL_IDENTICAL and psnr >= PIXEL_PSNR, \
+        f"identical {identical:.5f}, max diff {max_diff}, PSNR {psnr:.1f} dB"
+    assert float(np.asarray(our_images[0]).std()) > 5      # a real picture of noise, not a flat image
+    print(f"latents {max(rel_err(a, b) for a, b in zip(our_steps, ref_steps)):.1e}, decoded "
+          f"{rel_err(decoded_ours, decoded_ref):.1e}, identical {identical:.5f}, max diff {max_diff}, "
+          f"PSNR {psnr:.1f} dB")             # the figures in the module docstring (pytest -s shows them)
+
+
+# ---- txt2img: every sampler ----------------------------------------------------------------------
+
+TXT2IMG = [(name, 0.0) for name in SCHEDULERS] + [("ddim", 0.5), ("ddim", 1.0)]
+
+
+@pytest.mark.parametrize("sampler,eta", TXT2IMG, ids=[f"{n}-eta{e}" if e else n for n, e in TXT2IMG])
+def test_txt2img_every_sampler(ours, reference, sampler, eta):
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64)
+    check(ours,
+          run_ours(ours, "txt2img", sampler, 1234, prompt=PROMPT, steps=10, eta=eta, **common),
+          run_reference(reference, StableDiffusionPipeline, sampler, 1234, prompt=PROMPT, num_inference_steps=10,
+                        eta=eta, **common))
+
+
+def test_callback_latents_are_the_output_latents(ours, reference):
+    """The per-step latents compared everywhere are what diffusers returns with output_type="latent"."""
+    common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64)
+    out, steps, _ = run_reference(reference, StableDiffusionPipeline, "euler_a", 4, num_inference_steps=4,
+                                  output_type="latent", **common)
+    assert torch.equal(out, steps[-1])
+    _, ours_steps = run_ours(ours, "txt2img", "euler_a", 4, steps=4, **common)
+    assert rel_err(ours_steps[-1], out) <= LATENT_TOL
+
+
+# ---- img2img: samplers x strengths, odd-sized and RGBA init images -------------------------------
+
+def init_image(width=70, height=53, mode="RGB") -> Image.Image:
+    """A smooth gradient with some texture; sides not multiples of 8, so both sides must resize."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rgb = np.stack([255 * x / width, 255 * y / height, 127 + 100 * np.sin(x / 3) * np.cos(y / 4)], axis=-1)
+    if mode == "RGBA":
+        alpha = 255 * (x + y) / (width + height)      # varying alpha: colours under it must survive
+        rgb = np.concatenate([rgb, alpha[..., None]], axis=-1)
+    return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8), mode=mode)
+
+
+IMG2IMG = [("ddim", 0.3), ("euler_a", 0.75), ("dpmpp_2m_karras", 1.0), ("ddpm", 0.75), ("euler_karras", 0.3),
+           ("dpmpp_2m", 0.75)]
+
+
+@pytest.mark.parametrize("sampler,strength", IMG2IMG, ids=[f"{n}-{s}" for n, s in IMG2IMG])
+def test_img2img(ours, reference, sampler, strength):
+    image = init_image()
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, strength=strength)
+    result = run_ours(ours, "img2img", sampler, 77, image=image, prompt=PROMPT, steps=8, **common)
+    check(ours, result, run_reference(reference, StableDiffusionImg2ImgPipeline, sampler, 77, image=image,
+                                      prompt=PROMPT, num_inference_steps=8, **common))
+    assert result[0][0].size == (64, 48)            # 70x53 rounded down to multiples of 8
+    assert len(result[1]) == int(8 * strength)
+
+
+def test_img2img_rgba(ours, reference):
+    """diffusers' SD image processor does not convert RGBA (its VAE would get 4 channels): users pass
+    .convert("RGB"), which drops alpha and keeps the colours under it; we do that ourselves."""
+    image = init_image(mode="RGBA")
+    common = dict(guidance_scale=7.5, strength=0.75)
+    check(ours, run_ours(ours, "img2img", "euler", 5, image=image, prompt=PROMPT, steps=6, **common),
+          run_reference(reference, StableDiffusionImg2ImgPipeline, "euler", 5, image=image.convert("RGB"),
+                        prompt=PROMPT, num_inference_steps=6, **common))
+
+
+def test_img2img_batch(ours, reference):
+    """Two images from one init image: the posterior sample is drawn once and repeated, as diffusers does."""
+    image = init_image(64, 40)
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=5.0, strength=0.6)
+    check(ours, run_ours(ours, "img2img", "euler_a", 9, image=image, prompt=PROMPT, steps=5, batch_size=2, **common),
+          run_reference(reference, StableDiffusionImg2ImgPipeline, "euler_a", 9, image=image, prompt=PROMPT,
+                        num_inference_steps=5, num_images_per_prompt=2, **common))
+
+
+# ---- batches, sizes, guidance 1, user latents ----------------------------------------------------
+
+def test_batch_size_two(ours, reference):
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64)
+    check(ours, run_ours(ours, "txt2img", "euler_a", 3, prompt=PROMPT, steps=4, batch_size=2, **common),
+          run_reference(reference, StableDiffusionPipeline, "euler_a", 3, prompt=PROMPT, num_inference_steps=4,
+                        num_images_per_prompt=2, **common))
+
+
+def test_prompt_lists_with_negative_lists(ours, reference):
+    """Two prompts, two negative prompts, two images each: order p0, p0, p1, p1 on both sides."""
+    prompts, negatives = [PROMPT, "a red fox in snow"], ["blurry", "watermark, text"]
+    common = dict(guidance_scale=6.0, width=64, height=64)
+    ours_out = run_ours(ours, "txt2img", "ddim", 11, prompt=prompts, negative_prompt=negatives, steps=4,
+                        batch_size=2, **common)
+    check(ours, ours_out, run_reference(reference, StableDiffusionPipeline, "ddim", 11, prompt=prompts,
+                                        negative_prompt=negatives, num_inference_steps=4,
+                                        num_images_per_prompt=2, **common))
+    assert [im.info["parameters"].splitlines()[0] for im in ours_out[0]] == [p for p in prompts for _ in (0, 1)]
+
+
+@pytest.mark.parametrize("width,height", [(64, 96), (72, 40)], ids=["64x96", "72x40-odd-latent"])
+def test_non_square_sizes(ours, reference, width, height):
+    """72x40 pixels is a 9x5 latent: odd sizes the tiny UNet's two downsamplings must round-trip."""
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, width=width, height=height)
+    ours_out = run_ours(ours, "txt2img", "dpmpp_2m_karras", 21, prompt=PROMPT, steps=4, **common)
+    check(ours, ours_out, run_reference(reference, StableDiffusionPipeline, "dpmpp_2m_karras", 21, prompt=PROMPT,
+                                        num_inference_steps=4, **common))
+    assert ours_out[0][0].size == (width, height)
+
+
+def test_guidance_one_is_the_conditional_model(ours, reference):
+    """At exactly 1.0 both skip the unconditional pass (diffusers: do_classifier_free_guidance is scale > 1)."""
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=1.0, width=64, height=64)
+    check(ours, run_ours(ours, "txt2img", "euler", 8, prompt=PROMPT, steps=4, **common),
+          run_reference(reference, StableDiffusionPipeline, "euler", 8, prompt=PROMPT, num_inference_steps=4,
+                        **common))
+
+
+def test_user_latents(ours, reference):
+    """User-supplied starting noise: both scale it by the sampler's initial σ (Euler's ≈14.6)."""
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2024))
+    common = dict(guidance_scale=7.5, width=64, height=64)
+    check(ours, run_ours(ours, "txt2img", "euler", 0, prompt=PROMPT, steps=4, latents=latents.clone(), **common),
+          run_reference(reference, StableDiffusionPipeline, "euler", 0, prompt=PROMPT, num_inference_steps=4,
+                        latents=latents.clone(), **common))
+
+
+# ---- full SD1.5 size -----------------------------------------------------------------------------
+
+def test_full_size_txt2img(tokenizer):
+    """Full SD1.5 size (1.07 B random parameters, fp32), DPM++ 2M Karras, 2 steps, 64x64.
+
+    Both sides share one in-memory state dict (4.3 GB once): ours through `weights_map` into engine
+    models (reference.engine_models, what sd15.load does after reading), the reference through
+    diffusers' converters. No file: writing and re-reading 2-4 GB costs ~40 s on the test CPU, and the
+    file path is covered by every tiny case above and by the loader's own tests.
+    """
+    sd = random_full_state_dict(seed=0)
+    ref, engine = reference_models(sd, FULL), engine_models(sd, FULL)
+    del sd
+    pipe = sd15.Pipeline(tokenizer=CLIPTokenizer(), text_encoder=engine.text_encoder, unet=engine.unet,
+                         vae=engine.vae, device=torch.device("cpu"), dtype=torch.float32)
+    components = dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
+                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64)
+    try:
+        check(pipe, run_ours(pipe, "txt2img", "dpmpp_2m_karras", 42, prompt=PROMPT, steps=2, **common),
+              run_reference(components, StableDiffusionPipeline, "dpmpp_2m_karras", 42, prompt=PROMPT,
+                            num_inference_steps=2, **common),
+              latent_tol=LATENT_TOL)
+    finally:
+        del pipe, components, ref, engine
+        gc.collect()
