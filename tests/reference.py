@@ -169,3 +169,33 @@ def engine_models(sd: dict, configs: Configs = FULL) -> Models:
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max|ours - ref| / max|ref| (the parity metric: relative to the reference's largest magnitude)."""
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# ---- schedulers: diffusers' SD1.5 scheduler config, and the scheduler for each of our sampler names ----
+
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, steps_offset=1)
+
+
+def _scheduler_classes():
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+    return {  # our sampler name -> (diffusers class, from_config overrides)
+        "ddim": (DDIMScheduler, {}),
+        "ddpm": (DDPMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }
+
+
+SCHEDULERS = _scheduler_classes()
+
+
+def reference_scheduler(name: str):
+    """What users do: DDIMScheduler(**SD15 config), then X.from_config(its config) for the others."""
+    from diffusers import DDIMScheduler
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(DDIMScheduler(**SD15_SCHEDULER).config, **overrides)

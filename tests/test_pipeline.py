@@ -19,13 +19,7 @@ from tools.make_checkpoint import save, tiny_metadata
 SMALL = dict(steps=3, width=32, height=32, sampler="euler")   # the cheapest real run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a small shared CPU: one intra-op thread is 10-20x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

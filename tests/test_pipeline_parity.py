@@ -30,56 +30,30 @@ import gc
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import FULL, engine_models, reference_models, rel_err
+from reference import FULL, SCHEDULERS, engine_models, reference_models, reference_scheduler, rel_err
 from sd15.latents import LATENT_SCALE
 from tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict, save, tiny_metadata
 from tools.make_tokenizer_golden import derive_vocab_and_merges
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 LATENT_TOL = 1e-5
 PIXEL_MAX_DIFF = 1          # one rounding flip of (x/2+0.5)·255 at most
 PIXEL_IDENTICAL = 0.995     # fraction of uint8 values that must be exactly equal
 PIXEL_PSNR = 60.0           # dB
 
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                      set_alpha_to_one=False, steps_offset=1)
-SCHEDULERS = {  # our sampler name -> (diffusers class, from_config overrides), as in test_samplers.py
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
 PROMPT = "a lighthouse at dusk, oil painting"
 NEGATIVE = "blurry, low quality"
 
 
-def reference_scheduler(name: str):
-    cls, overrides = SCHEDULERS[name]
-    return cls.from_config(DDIMScheduler(**SD15_SCHEDULER).config, **overrides)
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a small shared CPU: one intra-op thread runs them 10-20x faster than two (no
-    threads spinning against other processes). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def ours(tiny_state_dict, tmp_path_factory):

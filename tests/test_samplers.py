@@ -11,32 +11,18 @@ Metric: relative error = max|ours - ref| / max|ref|, float32 tensors, batch 2.
 """
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
+from diffusers import DDIMScheduler
 
+from reference import SCHEDULERS, SD15_SCHEDULER, reference_scheduler
 from sd15.samplers import SAMPLERS, denoise, make_plan, resolve_sampler, sample
 from sd15.schedule import ScheduleConfig, alphas_cumprod
 
 TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 SHAPE = (2, 4, 8, 8)
-SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1)
-REFERENCE = {  # our name -> (diffusers class, from_config overrides)
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
+REFERENCE = SCHEDULERS
+SD15 = SD15_SCHEDULER
 VP = ("ddim", "ddpm")  # schedulers without a sigmas table of their own
-
-
-def reference_scheduler(name):
-    cls, overrides = REFERENCE[name]
-    return cls.from_config(DDIMScheduler(**SD15).config, **overrides)
 
 
 def rel_err(ours, ref):
