@@ -86,9 +86,15 @@ def load_models(path, *, vae=None, device=None, dtype=None, ema=False, configs: 
         vae_tensors = read_vae_file(Path(vae))
 
     common = dict(device=device, dtype=dtype)
-    text_encoder = build(TextEncoder, configs.text_encoder, ckpt.text_encoder, text_key_map(configs.text_encoder),
-                         component="text encoder", **common)
-    unet = build(UNet, configs.unet, ckpt.unet, unet_key_map(configs.unet), component="UNet", **common)
-    vae_model = build(VAE, configs.vae, vae_tensors, vae_key_map(configs.vae), component="VAE",
-                      transforms=vae_transforms(configs.vae), **common)
+    try:
+        text_encoder = build(TextEncoder, configs.text_encoder, ckpt.text_encoder,
+                             text_key_map(configs.text_encoder), component="text encoder", **common)
+        unet = build(UNet, configs.unet, ckpt.unet, unet_key_map(configs.unet), component="UNet", **common)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        vae_model = build(VAE, configs.vae, vae_tensors, vae_key_map(configs.vae), component="VAE",
+                          transforms=vae_transforms(configs.vae), **common)
+    except CheckpointError as e:
+        raise CheckpointError(f"{vae if vae is not None else path}: {e}") from None
     return text_encoder, unet, vae_model, ckpt
