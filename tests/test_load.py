@@ -503,7 +503,7 @@ def test_misshaped_tensor_is_named(tmp_path, canonical, key):
         load(path)
     prefix = next(p for p in COMPONENT_NAME if key.startswith(p))
     msg = str(err.value)
-    assert msg.startswith(COMPONENT_NAME[prefix] + ":") and key[len(prefix):] in msg, msg
+    assert msg.startswith(f"{path}: {COMPONENT_NAME[prefix]}:") and key[len(prefix):] in msg, msg
     assert f"{tuple(bad[key].shape)} (expected {tuple(sd[key].shape)})" in msg, msg
 
 
@@ -515,7 +515,7 @@ def test_missing_tensor_is_named(tmp_path, canonical, key):
         load(path)
     prefix = next(p for p in COMPONENT_NAME if key.startswith(p))
     msg = str(err.value)
-    assert msg.startswith(COMPONENT_NAME[prefix] + ":") and key[len(prefix):] in msg, msg
+    assert msg.startswith(f"{path}: {COMPONENT_NAME[prefix]}:") and key[len(prefix):] in msg, msg
 
 
 def test_tiny_ckpt_without_configs_is_a_checkpoint_error(tmp_path, canonical):
@@ -526,7 +526,7 @@ def test_tiny_ckpt_without_configs_is_a_checkpoint_error(tmp_path, canonical):
         load(path)
     msg = str(err.value)
     # The text encoder is built first; the tiny one has 2 layers of 12 and width 32, not 768.
-    assert msg.startswith("text encoder:") and ("missing" in msg or "wrong shape" in msg), msg
+    assert msg.startswith(f"{path}: text encoder:") and ("missing" in msg or "wrong shape" in msg), msg
     # Today: "160 tensor(s) missing from the checkpoint: text_model.encoder.layers.10...." (SD1.5 has 12 layers).
     assert "text_model.encoder.layers." in msg or "(expected (49408, 768))" in msg, msg
 
