@@ -6,6 +6,7 @@ and settings give the same image as diffusers' StableDiffusion(Img2Img)Pipeline.
 """
 
 import logging
+import os
 import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -86,15 +87,24 @@ class Pipeline:
         return images
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        h, w = z.shape[-2:]
-        if should_tile(8 * h, 8 * w):
+        if self._needs_tiles(z.shape[0], 8 * z.shape[-2], 8 * z.shape[-1], z.element_size()):
             return decode_tiled(self.vae, z)
         return self.vae.decode(z)
 
     def _encode_distribution(self, images: torch.Tensor):
-        if should_tile(*images.shape[-2:]):
+        if self._needs_tiles(images.shape[0], *images.shape[-2:], images.element_size()):
             return encode_distribution_tiled(self.vae, images)
         return self.vae.encode_distribution(images)
+
+    def _needs_tiles(self, batch: int, height: int, width: int, element_size: int) -> bool:
+        """Tile the VAE only when an untiled pass would not fit in half the free memory: tiling costs
+        several times the time. Where free memory cannot be read, vae_tiling's fixed budget decides."""
+        budget = {}
+        if self.device.type == "cuda":
+            budget = {"budget_bytes": torch.cuda.mem_get_info(self.device)[0] // 2}
+        elif self.device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+            budget = {"budget_bytes": os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2}
+        return should_tile(height, width, batch, cfg=self.vae.cfg, element_size=element_size, **budget)
 
     @cached_property
     def model_hash(self) -> str | None:
