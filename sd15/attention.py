@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import Linear
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention over [B, N, C] tokens (Vaswani et al. 2017, eq. 1)."""
@@ -20,10 +22,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         kv_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_k = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.to_v = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = Linear(dim, dim, bias=qkv_bias)
+        self.to_k = Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_v = Linear(kv_dim, dim, bias=qkv_bias)
+        self.to_out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         context = x if context is None else context

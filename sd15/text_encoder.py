@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .blocks import Linear
 from .config import TextEncoderConfig
 
 
@@ -16,11 +17,19 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # The loader builds models on the meta device, where nn.Embedding's random init has nothing to fill
+        # yet imports torch._dynamo (about 1 s of every load): skip it there.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))
@@ -46,8 +55,8 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig = TextEncoderConfig()):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = Embedding(cfg.max_length, cfg.width)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.width, eps=1e-5)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .blocks import Downsample, ResBlock, Upsample
+from .blocks import Conv2d, Downsample, Linear, ResBlock, Upsample
 from .config import UNetConfig
 
 
@@ -31,8 +31,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class TimestepMLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)))
@@ -43,8 +43,8 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * 4 * dim)
-        self.out = nn.Linear(4 * dim, dim)
+        self.proj = Linear(dim, 2 * 4 * dim)
+        self.out = Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -74,15 +74,15 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.block = TransformerBlock(channels, cfg.num_heads, cfg.context_dim)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)      # [B, HW, C]
         tokens = self.block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w), residual=x)
 
 
 class Level(nn.Module):
@@ -115,7 +115,7 @@ class UNet(nn.Module):
         last = len(widths) - 1
 
         self.time_embed = TimestepMLP(cfg.channels, tdim)
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         # Way down: remember each block's output width; the way up consumes them in reverse.
         skip_widths, ch = [cfg.channels], cfg.channels
@@ -147,7 +147,7 @@ class UNet(nn.Module):
             self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
 
         self.norm_out = nn.GroupNorm(groups, ch, eps=1e-5)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise ε in latents `x` [B,4,h,w] at timestep `t` (int, float or [B]) given text states."""
@@ -178,4 +178,5 @@ class UNet(nn.Module):
                 # Upsample to the size of the skip it will meet, so odd latent sizes work.
                 h = level.resample(h, size=skips[-1].shape[-2:])
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        # .contiguous(): the CPU fast path (sd15.blocks) runs channels-last; hand back the usual layout.
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True)).contiguous()

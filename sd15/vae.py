@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .blocks import Downsample, ResBlock, Upsample
+from .blocks import Conv2d, Downsample, ResBlock, Upsample
 from .config import VAEConfig
 
 EPS = 1e-6   # every GroupNorm in the VAE
@@ -52,7 +52,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
         self.down = nn.ModuleList()
         ch = cfg.channels
         for i, width in enumerate(widths):
@@ -64,7 +64,7 @@ class Encoder(nn.Module):
             self.down.append(Level(res, None if last else Downsample(ch, asymmetric_pad=True)))
         self.mid = MidBlock(ch, cfg.norm_groups)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=EPS)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)   # mean and log-variance
+        self.conv_out = Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)   # mean and log-variance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -74,7 +74,7 @@ class Encoder(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -82,7 +82,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.channels * m for m in reversed(cfg.channel_mult)]
         ch = widths[0]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch, 3, padding=1)
         self.mid = MidBlock(ch, cfg.norm_groups)
         self.up = nn.ModuleList()
         for i, width in enumerate(widths):
@@ -93,7 +93,7 @@ class Decoder(nn.Module):
             last = i == len(widths) - 1
             self.up.append(Level(res, None if last else Upsample(ch)))
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=EPS)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -102,7 +102,7 @@ class Decoder(nn.Module):
                 h = res(h)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class VAE(nn.Module):
@@ -110,13 +110,14 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
 
     def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Diagonal Gaussian posterior q(z|x): (mean, log-variance clamped to [-30, 20] as trained)."""
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        # .contiguous(): the CPU fast path (sd15.blocks) runs channels-last; hand back the usual layout.
+        mean, logvar = self.quant_conv(self.encoder(images)).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -125,4 +126,4 @@ class VAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B,3,8h,8w] in about [-1, 1] from unscaled latents."""
-        return self.decoder(self.post_quant_conv(latents))
+        return self.decoder(self.post_quant_conv(latents)).contiguous()
