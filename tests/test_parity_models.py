@@ -119,6 +119,26 @@ def test_vae_decode_tiny(tiny_models, hw):
     assert _vae_decode_case(tiny_models, (2, 4, *hw)) <= TOL
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-onednn", "grad-enabled"])
+def test_plain_pytorch_path_tiny(tiny_models, grad):
+    """The tests above run sd15's CPU fast path (oneDNN linears, prepacked channels-last convs, sd15.blocks).
+    CUDA, half precision and autograd take the plain PyTorch ops instead: prove those agree too."""
+    ref, ours = tiny_models
+    gen = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 9, 13, generator=gen), torch.randn(2, 77, ours.unet.cfg.context_dim, generator=gen)
+    latents, images = torch.randn(1, 4, 5, 7, generator=gen), torch.rand(1, 3, 40, 24, generator=gen) * 2 - 1
+    t = torch.tensor([10.0, 981.0])
+    ids = token_ids([PROMPT_IDS])
+    flags = torch.backends.mkldnn.flags(enabled=grad)        # grad on: the fast path steps aside by itself
+    with flags, torch.set_grad_enabled(grad):
+        pairs = [(ours.unet(x, t, context), ref.unet(x, t, context).sample),
+                 (ours.vae.decode(latents), ref.vae.decode(latents).sample),
+                 (ours.vae.encode(images), ref.vae.encode(images).latent_dist.mean),
+                 (ours.text_encoder(ids), ref.text_encoder(ids).last_hidden_state)]
+    for mine, theirs in pairs:
+        assert rel_err(mine.detach(), theirs.detach()) <= TOL
+
+
 # ---- full SD1.5 size: once per component, small spatial sizes --------------------------------------
 
 @torch.no_grad()
