@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import validation
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
-from .samplers import SAMPLERS, make_plan, resolve_sampler
+from .samplers import SAMPLERS
 
 CKPT_ENV = "SD15_CKPT"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -59,18 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Every cheap check, before the model is loaded."""
-    validation.check_steps(args.steps)
-    validation.check_guidance(args.cfg_scale)
-    validation.check_batch(args.batch_size)
-    validation.check_eta(args.eta)
-    validation.check_seed(args.seed)
-    spec = resolve_sampler(args.sampler)
     if args.init_image is None:
         validation.check_size(args.width, args.height)
-    else:
-        validation.check_strength(args.strength)
-    # The plan's own checks (eta only for DDIM and at most 1; a strength that leaves a step to run).
-    make_plan(spec, args.steps, strength=1.0 if args.init_image is None else args.strength, eta=args.eta)
+    validation.check_sampling(args.steps, args.cfg_scale, args.batch_size, args.eta, args.seed, args.sampler,
+                              strength=1.0 if args.init_image is None else args.strength)
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():

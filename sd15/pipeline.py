@@ -23,7 +23,7 @@ from .guidance import cfg_eps_model
 from .images import init_image_tensor, tensor_to_pil
 from .latents import to_diffusion, to_vae
 from .png import a1111_parameters
-from .samplers import make_plan, resolve_sampler, sample
+from .samplers import sample
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import VAE
@@ -178,13 +178,7 @@ class Pipeline:
 
     def _prepare(self, prompt, negative_prompt, steps, guidance_scale, sampler, seed, batch_size, eta, strength):
         """Validate everything cheap first, then expand prompts to one per image."""
-        validation.check_steps(steps)
-        validation.check_guidance(guidance_scale)
-        validation.check_batch(batch_size)
-        validation.check_eta(eta)
-        validation.check_seed(seed)
-        spec = resolve_sampler(sampler)
-        plan = make_plan(spec, steps, strength=strength, eta=eta)
+        spec, plan = validation.check_sampling(steps, guidance_scale, batch_size, eta, seed, sampler, strength)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts + negatives):

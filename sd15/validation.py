@@ -2,6 +2,8 @@
 
 import math
 
+from .samplers import Plan, SamplerSpec, make_plan, resolve_sampler
+
 MAX_SIDE = 8192          # pixels; 8192² is already ~1 M latent pixels, far beyond SD1.5's 512² training size
 MAX_STEPS = 1000         # the schedule has 1000 training timesteps; more steps cannot be distinct
 MAX_BATCH = 64
@@ -49,3 +51,17 @@ def check_eta(eta: float) -> None:
 def check_seed(seed) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def check_sampling(steps: int, guidance_scale: float, batch_size: int, eta: float, seed, sampler: str,
+                   strength: float = 1.0) -> tuple[SamplerSpec, Plan]:
+    """Every cheap check of a generation request that the CLI and the pipeline share; returns the
+    sampler and its plan (whose own checks cover eta on non-DDIM samplers and strengths that leave no step)."""
+    check_steps(steps)
+    check_guidance(guidance_scale)
+    check_batch(batch_size)
+    check_eta(eta)
+    check_seed(seed)
+    check_strength(strength)
+    spec = resolve_sampler(sampler)
+    return spec, make_plan(spec, steps, strength=strength, eta=eta)

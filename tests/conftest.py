@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from reference import TINY, engine_models, reference_models
-from tools.make_checkpoint import random_state_dict
+from tools.make_checkpoint import random_state_dict, save, tiny_metadata
 
 
 @pytest.fixture(scope="session")
 def tiny_state_dict():
     """Original-layout random checkpoint for the tiny configs (`reference.TINY`); treat as read-only."""
     return random_state_dict(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_file(tiny_state_dict, tmp_path_factory):
+    """`tiny_state_dict` written as a real .safetensors file (configs in its metadata) for `sd15.load`."""
+    path = tmp_path_factory.mktemp("models") / "tiny-model_v1.safetensors"
+    save(tiny_state_dict, path, metadata=tiny_metadata())
+    return path
 
 
 @pytest.fixture(scope="session")

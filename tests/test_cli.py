@@ -24,7 +24,6 @@ from PIL import Image
 import sd15.generate as generate
 from sd15.png import read_parameters
 from sd15.samplers import SAMPLERS
-from tools.make_checkpoint import save, tiny_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
@@ -33,10 +32,8 @@ OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_state_dict, tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-model_v1.safetensors"
-    save(tiny_state_dict, path, metadata=tiny_metadata())
-    return path
+def ckpt(tiny_ckpt_file):
+    return tiny_ckpt_file
 
 
 @pytest.fixture(scope="module")

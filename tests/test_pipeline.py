@@ -23,10 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_state_dict, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save(tiny_state_dict, path, metadata=tiny_metadata())
-    return path
+def ckpt(tiny_ckpt_file):
+    return tiny_ckpt_file
 
 
 @pytest.fixture(scope="module")

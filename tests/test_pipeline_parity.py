@@ -38,7 +38,7 @@ import sd15
 from reference import FULL, SCHEDULERS, engine_models, reference_models, reference_scheduler, rel_err
 from sd15.latents import LATENT_SCALE
 from tokenizer import CLIPTokenizer
-from tools.make_checkpoint import random_full_state_dict, save, tiny_metadata
+from tools.make_checkpoint import random_full_state_dict
 from tools.make_tokenizer_golden import derive_vocab_and_merges
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
@@ -56,11 +56,9 @@ NEGATIVE = "blurry, low quality"
 # ---- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ours(tiny_state_dict, tmp_path_factory):
+def ours(tiny_ckpt_file):
     """Our pipeline, loaded from a real tiny checkpoint file on disk."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save(tiny_state_dict, path, metadata=tiny_metadata())
-    return sd15.load(path, device="cpu")
+    return sd15.load(tiny_ckpt_file, device="cpu")
 
 
 @pytest.fixture(scope="module")
