@@ -39,6 +39,11 @@ DEFAULT_GUIDANCE = 7.5
 
 Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
 
+# The sampler's state and arithmetic stay in float32 whatever the models' dtype: a fp16 UNet's
+# predictions are cast up before guidance and the update, and x is cast down only as the UNet's input.
+# diffusers keeps fp16 latents between steps; this loses less, for a few elementwise ops per step.
+SAMPLER_DTYPE = torch.float32
+
 
 def random_seed() -> int:
     return secrets.randbits(32)
@@ -100,11 +105,33 @@ class Pipeline:
         """Tile the VAE only when an untiled pass would not fit in half the free memory: tiling costs
         several times the time. Where free memory cannot be read, vae_tiling's fixed budget decides."""
         budget = {}
-        if self.device.type == "cuda":
-            budget = {"budget_bytes": torch.cuda.mem_get_info(self.device)[0] // 2}
+        if self.device.type == "cuda":  # free on the device plus what torch holds cached but unused
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = {"budget_bytes": (torch.cuda.mem_get_info(self.device)[0] + cached) // 2}
         elif self.device.type == "cpu" and hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
             budget = {"budget_bytes": os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2}
         return should_tile(height, width, batch, cfg=self.vae.cfg, element_size=element_size, **budget)
+
+    def compile(self, mode: str | None = None) -> "Pipeline":
+        """Opt in to `torch.compile` for the UNet (all but a few % of a txt2img); returns the pipeline.
+
+        The first generation at each batch and image size compiles (minutes; later calls at that size
+        reuse the kernels). mode: torch.compile's; by default "max-autotune" on CUDA (Triton kernels
+        chosen by timing them, plus CUDA graphs, which replay a whole UNet step without launching its
+        hundreds of small kernels one by one from Python) and "default" elsewhere. On CPU the engine's
+        eager fast path measured faster than Inductor (BENCHMARKS.md), so there this is for experiments.
+        Outputs match the eager UNet to rounding, not bit for bit (Inductor fuses and reorders).
+        Each new batch size or image size compiles again; past torch's recompile limit (8) the UNet
+        quietly runs uncompiled, so compile for a fixed size and batch.
+        """
+        if mode is None:
+            mode = "max-autotune" if self.device.type == "cuda" else "default"
+        if self.device.type == "cuda":
+            # Keep the activations NHWC so cuDNN and Inductor pick their tensor-core conv layouts
+            # without a transpose around every convolution.
+            self.unet.to(memory_format=torch.channels_last)
+        self.unet.compile(mode=mode, fullgraph=True, dynamic=False)
+        return self
 
     @cached_property
     def model_hash(self) -> str | None:
@@ -130,14 +157,14 @@ class Pipeline:
         shape = (len(prompts), 4, height // 8, width // 8)
         generator = torch.Generator().manual_seed(seed)
         if latents is None:
-            noise = torch.randn(shape, generator=generator, dtype=self.dtype)
+            noise = torch.randn(shape, generator=generator, dtype=self.dtype)  # diffusers draws in this dtype
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
         else:
             noise = latents
         with torch.inference_mode():
             eps_model = self._guided_model(prompts, negatives, guidance_scale)
-            final = self._run(plan, eps_model, noise.to(self.device, self.dtype), None, generator, progress)
+            final = self._run(plan, eps_model, noise.to(self.device, SAMPLER_DTYPE), None, generator, progress)
             images = tensor_to_pil(self.decode(final))
         settings = self._settings(spec, steps, guidance_scale, seed, width, height, eta)
         return self._annotate(images, prompts, negatives, settings, seed)
@@ -164,8 +191,9 @@ class Pipeline:
             # diffusers' order: the posterior sample first, then the forward-process noise.
             mean, logvar = self._encode_distribution(pixels.to(self.device, self.dtype))
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            mean, logvar, eps = mean.to(SAMPLER_DTYPE), logvar.to(SAMPLER_DTYPE), eps.to(SAMPLER_DTYPE)
             x0 = to_diffusion(mean + torch.exp(0.5 * logvar) * eps).repeat(total // len(pixels), 1, 1, 1)
-            noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device)
+            noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device, SAMPLER_DTYPE)
             eps_model = self._guided_model(prompts, negatives, guidance_scale)
             final = self._run(plan, eps_model, noise, x0, generator, progress)
             images = tensor_to_pil(self.decode(final))
@@ -198,7 +226,7 @@ class Pipeline:
 
     def _run(self, plan, eps_model, noise, x0, generator, progress):
         x = None
-        for i, x in enumerate(sample(plan, eps_model, noise, x0, generator), start=1):
+        for i, x in enumerate(sample(plan, eps_model, noise, x0, generator, noise_dtype=self.dtype), start=1):
             if progress is not None:
                 progress(i, plan.num_steps, x)
         return x

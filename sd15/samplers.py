@@ -1,6 +1,6 @@
 """Samplers: pure functions that walk a Plan with an eps_model, yielding the latents after each step.
 
-Every sampler has one signature, `fn(eps_model, x, plan, generator) -> Iterator[Tensor]`, where
+Every sampler has one signature, `fn(eps_model, x, plan, generator, *, noise_dtype) -> Iterator[Tensor]`, where
 `eps_model(x_in, t) -> ε` is the (guided) UNet: x_in is exactly what the UNet sees and t its timestep
 as a python float (fractional under Karras sigmas, as diffusers computes them).
 
@@ -9,7 +9,10 @@ matching diffusers scheduler's `prev_sample` under the SD1.5 config:
   DDIM, DDPM, DPM-Solver++  the VP latent x_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε   (the UNet input as is)
   Euler, Euler a            x_σ = x0 + σ·ε                               (UNet input x_σ / sqrt(σ²+1))
 Per-step noise is drawn from `generator` on its device (CPU for a CPU generator) in the shape and
-order diffusers draws it, then moved to x's device.
+order diffusers draws it, then moved to x's device. The math runs in x's dtype: the pipeline keeps x in
+float32 even for a fp16 UNet, and passes `noise_dtype` = the model's dtype so the draws stay the ones
+diffusers makes (CPU randn in fp16 is fp32 randn rounded only when the count is a multiple of 16; past
+that, the last values differ, e.g. at 520×520).
 
 Usage:
     plan = make_plan(resolve_sampler("DPM++ 2M Karras"), steps=25)            # txt2img
@@ -105,12 +108,15 @@ def _abar(sigma: float) -> float:
     return 1.0 / (1.0 + sigma * sigma)  # ᾱ from σ = sqrt((1-ᾱ)/ᾱ)
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(x: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype | None) -> torch.Tensor:
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype or x.dtype)
+    if noise.device.type == "cpu" and x.device.type == "cuda":  # pinned: the copy need not stall the GPU queue
+        return noise.pin_memory().to(x.device, x.dtype, non_blocking=True)
+    return noise.to(x.device, x.dtype)
 
 
-def sample_ddim(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[torch.Tensor]:
+def sample_ddim(eps_model: EpsModel, x, plan: Plan, generator=None, *, noise_dtype=None) -> Iterator[torch.Tensor]:
     """DDIM, Song et al. 2021 eq. 12, with σ_t(η) from eq. 16."""
     for t, s, s_next in _steps(plan):
         a, a_next = _abar(s), _abar(s_next)
@@ -119,11 +125,11 @@ def sample_ddim(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[
         std = plan.eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next - std**2) * eps  # "direction pointing to x_t"
         if plan.eta > 0:
-            x = x + std * _randn(x, generator)  # "random noise"
+            x = x + std * _randn(x, generator, noise_dtype)  # "random noise"
         yield x
 
 
-def sample_ddpm(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[torch.Tensor]:
+def sample_ddpm(eps_model: EpsModel, x, plan: Plan, generator=None, *, noise_dtype=None) -> Iterator[torch.Tensor]:
     """DDPM ancestral sampling, Ho et al. 2020: x0 from eq. 15, posterior mean/variance eq. 6-7 (β̃_t)."""
     for t, s, s_prev in _steps(plan):
         a, a_prev = _abar(s), _abar(s_prev)
@@ -133,11 +139,11 @@ def sample_ddpm(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[
         x = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
         if t > 0:  # diffusers draws at every t > 0, even where β̃ is ~0 (clamped to 1e-20)
             variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
-            x = x + math.sqrt(variance) * _randn(x, generator)
+            x = x + math.sqrt(variance) * _randn(x, generator, noise_dtype)
         yield x
 
 
-def sample_euler(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[torch.Tensor]:
+def sample_euler(eps_model: EpsModel, x, plan: Plan, generator=None, *, noise_dtype=None) -> Iterator[torch.Tensor]:
     """Euler on dx/dσ = (x − D(x;σ))/σ = ε: Karras et al. 2022 alg. 2, S_churn = 0, no Heun step."""
     for t, s, s_next in _steps(plan):
         eps = eps_model(x / math.sqrt(s * s + 1), t)  # c_in = 1/sqrt(σ²+1)
@@ -145,17 +151,17 @@ def sample_euler(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator
         yield x
 
 
-def sample_euler_ancestral(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[torch.Tensor]:
+def sample_euler_ancestral(eps_model: EpsModel, x, plan: Plan, generator=None, *, noise_dtype=None) -> Iterator[torch.Tensor]:
     """Euler ancestral (k-diffusion): Euler down to σ_down, then fresh noise of std σ_up up to σ_next."""
     for t, s, s_next in _steps(plan):
         eps = eps_model(x / math.sqrt(s * s + 1), t)
         s_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         s_down = math.sqrt(s_next**2 - s_up**2)
-        x = x + (s_down - s) * eps + s_up * _randn(x, generator)
+        x = x + (s_down - s) * eps + s_up * _randn(x, generator, noise_dtype)
         yield x
 
 
-def sample_dpmpp_2m(eps_model: EpsModel, x, plan: Plan, generator=None) -> Iterator[torch.Tensor]:
+def sample_dpmpp_2m(eps_model: EpsModel, x, plan: Plan, generator=None, *, noise_dtype=None) -> Iterator[torch.Tensor]:
     """DPM-Solver++(2M), Lu et al. 2022 alg. 2, on the VP latent with λ = log(α/σ_vp) = −log σ.
 
     First order on the first step and on the last (σ_next = 0: it returns the x0 prediction),
@@ -249,16 +255,19 @@ def start_latents(plan: Plan, noise: torch.Tensor, x0: torch.Tensor | None = Non
 
 
 def sample(plan: Plan, eps_model: EpsModel, noise: torch.Tensor, x0: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, *, noise_dtype: torch.dtype | None = None,
+           ) -> Iterator[torch.Tensor]:
     """Iterate the latents after each step; the last one is the result.
 
     noise: randn((B,4,h,w)) from `generator` (on CPU for a CPU generator), moved by the caller to the
     device of x0 / the model. x0: clean latents (already ×0.18215) for img2img, None for txt2img.
+    The sampler runs in the dtype of noise (and x0); noise_dtype: the dtype per-step noise is drawn in.
     """
-    return plan.sampler.fn(eps_model, start_latents(plan, noise, x0), plan, generator)
+    return plan.sampler.fn(eps_model, start_latents(plan, noise, x0), plan, generator, noise_dtype=noise_dtype)
 
 
 def denoise(plan: Plan, eps_model: EpsModel, noise: torch.Tensor, x0: torch.Tensor | None = None,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, *, noise_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run `sample` to the end and return the final latents."""
-    return collections.deque(sample(plan, eps_model, noise, x0, generator), maxlen=1)[0]
+    steps = sample(plan, eps_model, noise, x0, generator, noise_dtype=noise_dtype)
+    return collections.deque(steps, maxlen=1)[0]

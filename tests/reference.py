@@ -1,10 +1,8 @@
 """Reference models for parity tests: diffusers / transformers built from the same original-layout tensors.
 
-DESIGN.md §5: the reference is diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers'
-`CLIPTextModel`, configured from our config dataclasses, built on the meta device and filled with
-diffusers' own LDM converters (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
-`convert_ldm_clip_checkpoint`). Those converters are an independent witness of the checkpoint layout:
-if `weights_map.keymap` is wrong, the two sets of models disagree.
+The builders live in `tools/reference.py` (shared with `tools.benchmark`; DESIGN.md §5); this module
+re-exports them under the names the tests use, and adds what only tests need: the FULL/TINY config
+sets, our own models built straight from a dict (`engine_models`), and the parity metric.
 
     sd = random_state_dict()                 # or random_full_state_dict(), or a real checkpoint's dict
     ref = reference_models(sd, TINY)         # .unet / .vae / .text_encoder, eval mode, no grad
@@ -17,21 +15,22 @@ the models share the dict's tensors (no copy: full size costs the dict's memory 
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
 from sd15.text_encoder import TextEncoder
 from sd15.unet import UNet
 from sd15.vae import VAE
+from tools import reference as _tools
 from tools.make_checkpoint import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE
+from tools.reference import (POSITION_IDS, SCHEDULERS, SD15_SCHEDULER, Models, clip_text_config,
+                             diffusers_unet_config, diffusers_vae_config, fill, reference_scheduler,
+                             reference_text_encoder, reference_unet, reference_vae)
 from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
 from weights_map.remap import remap
 
-# Merged checkpoints carry a `position_ids` buffer (sometimes broken floats); both sides ignore it.
-POSITION_IDS = "text_model.embeddings.position_ids"
+__all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
+           "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
+           "engine_models", "component", "rel_err", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
 
 
 @dataclass(frozen=True)
@@ -41,106 +40,13 @@ class Configs:
     text: TextEncoderConfig = TextEncoderConfig()
 
 
-@dataclass
-class Models:
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-
-
 FULL = Configs()
 TINY = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)
 
 
-# ---- config translation: our dataclasses -> diffusers / transformers keyword arguments ---------------
-
-def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """SD1.5's `unet/config.json` for the defaults; the same translation for tiny configs."""
-    levels = range(len(cfg.channel_mult))
-    down = [("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D") for i in levels]
-    up = [("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D") for i in reversed(levels)]
-    return dict(
-        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
-        down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2DCrossAttn",
-        layers_per_block=cfg.num_res_blocks,
-        attention_head_dim=cfg.num_heads,       # sic: SD1.5's diffusers config names the head *count* so
-        cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups, norm_eps=1e-5,
-        act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-        center_input_sample=False, use_linear_projection=False, upcast_attention=False,
-        transformer_layers_per_block=1,
-    )
-
-
-def diffusers_vae_config(cfg: VAEConfig) -> dict:
-    """SD1.5's `vae/config.json` for the defaults."""
-    n = len(cfg.channel_mult)
-    return dict(
-        sample_size=512, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        latent_channels=cfg.latent_channels, block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, act_fn="silu",
-        scaling_factor=0.18215,
-    )
-
-
-def clip_text_config(cfg: TextEncoderConfig, **overrides) -> CLIPTextConfig:
-    """SD1.5's `text_encoder/config.json` (openai/clip-vit-large-patch14) for the defaults.
-
-    bos/eos/pad ids are the published file's (0/2/1, pre-#24773); they only pick the pooled output,
-    which SD does not use (tests check that `last_hidden_state` ignores them).
-    """
-    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_ratio * cfg.width,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  max_position_embeddings=cfg.max_length, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                  projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                  attention_dropout=0.0, dropout=0.0)
-    return CLIPTextConfig(**(kwargs | overrides))
-
-
-# ---- building ------------------------------------------------------------------------------------
-
-def _load(model: torch.nn.Module, state_dict: dict, name: str) -> torch.nn.Module:
-    model.load_state_dict(state_dict, strict=True, assign=True)   # raises on missing/unexpected keys
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"{name}: tensors still on the meta device after loading: {left}")
-    return model.eval().requires_grad_(False)
-
-
-def reference_unet(sd: dict, cfg: UNetConfig) -> UNet2DConditionModel:
-    config = diffusers_unet_config(cfg)
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**config)
-    return _load(model, convert_ldm_unet_checkpoint(sd, config), "diffusers UNet")
-
-
-def reference_vae(sd: dict, cfg: VAEConfig) -> AutoencoderKL:
-    config = diffusers_vae_config(cfg)
-    with torch.device("meta"):
-        model = AutoencoderKL(**config)
-    return _load(model, convert_ldm_vae_checkpoint(sd, config), "diffusers VAE")
-
-
-def reference_text_encoder(sd: dict, cfg: TextEncoderConfig, **config_overrides) -> CLIPTextModel:
-    with torch.device("meta"):
-        model = CLIPTextModel(clip_text_config(cfg, **config_overrides))
-    # The converter only strips `cond_stage_model.transformer.`; it leaves any `position_ids` in, and
-    # that buffer is non-persistent in transformers (not a state_dict key), so drop it here.
-    state = convert_ldm_clip_checkpoint(sd)
-    state.pop(POSITION_IDS, None)
-    if not hasattr(model, "text_model"):   # transformers >= 5.6 flattened CLIPTextModel (as diffusers handles)
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    # The non-persistent position_ids buffer was created on meta and load_state_dict does not touch it.
-    embeddings = (model.text_model if hasattr(model, "text_model") else model).embeddings
-    embeddings.position_ids = torch.arange(cfg.max_length)[None]
-    return _load(model, state, "transformers CLIPTextModel")
-
-
 def reference_models(sd: dict, configs: Configs = FULL) -> Models:
     """diffusers/transformers models filled from an original-layout dict by diffusers' converters."""
-    return Models(reference_unet(sd, configs.unet), reference_vae(sd, configs.vae),
-                  reference_text_encoder(sd, configs.text))
+    return _tools.reference_models(sd, configs.unet, configs.vae, configs.text)
 
 
 def component(sd: dict, name: str) -> dict:
@@ -156,7 +62,7 @@ def _engine(module_cls, cfg, sd: dict, name: str, key_map: dict, transforms=None
     source = component(sd, name)
     source.pop(POSITION_IDS, None)            # DESIGN.md §3: positions are always 0..76
     state = remap(source, key_map, shapes, component=name, transform_names=transforms)
-    return _load(model, state, f"engine {name}")
+    return fill(model, state, f"engine {name}")
 
 
 def engine_models(sd: dict, configs: Configs = FULL) -> Models:
@@ -169,33 +75,3 @@ def engine_models(sd: dict, configs: Configs = FULL) -> Models:
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max|ours - ref| / max|ref| (the parity metric: relative to the reference's largest magnitude)."""
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
-# ---- schedulers: diffusers' SD1.5 scheduler config, and the scheduler for each of our sampler names ----
-
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                      set_alpha_to_one=False, steps_offset=1)
-
-
-def _scheduler_classes():
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
-    return {  # our sampler name -> (diffusers class, from_config overrides)
-        "ddim": (DDIMScheduler, {}),
-        "ddpm": (DDPMScheduler, {}),
-        "euler": (EulerDiscreteScheduler, {}),
-        "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-        "euler_a": (EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    }
-
-
-SCHEDULERS = _scheduler_classes()
-
-
-def reference_scheduler(name: str):
-    """What users do: DDIMScheduler(**SD15 config), then X.from_config(its config) for the others."""
-    from diffusers import DDIMScheduler
-    cls, overrides = SCHEDULERS[name]
-    return cls.from_config(DDIMScheduler(**SD15_SCHEDULER).config, **overrides)

@@ -3,6 +3,7 @@ guided sampler against StableDiffusionPipeline's own CFG loop around a diffusers
 import pytest
 import torch
 
+import sd15
 from sd15.guidance import cfg_eps_model
 from sd15.samplers import denoise, make_plan, resolve_sampler
 from test_samplers import SHAPE, TOL, reference_scheduler, rel_err
@@ -76,3 +77,42 @@ def test_guided_sampling_matches_pipeline_loop(name):
         eps = eps_uncond + scale * (eps_text - eps_uncond)
         latents = sched.step(eps, t, latents, generator=g, return_dict=False)[0]
     assert rel_err(ours, latents) <= TOL
+
+
+# ---- a half-precision UNet under a float32 sampler ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_unet(tiny_ckpt_file):
+    """The real tiny UNet, loaded in bfloat16 as users load it."""
+    unet = sd15.load(tiny_ckpt_file, device="cpu", dtype=torch.bfloat16).unet
+    assert next(unet.parameters()).dtype == torch.bfloat16
+    return unet
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("scale", [7.5, 1.0])
+def test_bf16_unet_under_float32_sampler(bf16_unet, scale):
+    """The UNet runs in the text states' dtype; the guidance arithmetic and the returned ε in x's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g)
+    cond, uncond = (torch.randn(B, 77, bf16_unet.cfg.context_dim, generator=g).bfloat16() for _ in range(2))
+    seen = []
+    hook = bf16_unet.register_forward_pre_hook(lambda _, args: seen.append([a.dtype for a in args]))
+    try:
+        with torch.inference_mode():
+            eps = cfg_eps_model(bf16_unet, cond, uncond, scale)(x, 981.0)
+    finally:
+        hook.remove()
+    assert seen == [[torch.bfloat16, torch.float32, torch.bfloat16]]     # x, t, context: one call
+    assert eps.dtype == torch.float32 and eps.shape == x.shape
+
+    with torch.inference_mode():                                         # the same call by hand
+        if scale == 1:
+            expected = bf16_unet(x.bfloat16(), torch.full((B,), 981.0), cond).float()
+            assert torch.equal(eps, expected)
+            return
+        raw = bf16_unet(torch.cat([x, x]).bfloat16(), torch.full((2 * B,), 981.0), torch.cat([uncond, cond]))
+    eps_uncond, eps_cond = raw.float().chunk(2)
+    assert torch.equal(eps, eps_uncond + scale * (eps_cond - eps_uncond))
+    eps_uncond, eps_cond = raw.chunk(2)                                  # guidance done in bf16 instead
+    assert not torch.equal(eps, (eps_uncond + scale * (eps_cond - eps_uncond)).float())

@@ -9,6 +9,8 @@ scale_model_input -> model -> step(..., generator=g) per timestep.
 
 Metric: relative error = max|ours - ref| / max|ref|, float32 tensors, batch 2.
 """
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -204,6 +206,58 @@ def test_denoise_is_last_step():
     plan = make_plan(resolve_sampler("dpmpp_2m_karras"), 8)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
     assert torch.equal(denoise(plan, toy_eps, noise), list(sample(plan, toy_eps, noise))[-1])
+
+
+# ---- half-precision models: float32 state, per-step noise drawn in the model's dtype ----
+
+# Five 520x520 latents (84,500 values): more than 65,536 and not a multiple of 16. On CPU, randn in
+# fp16/bf16 is not always float32 randn rounded (with torch 2.13 here: the last 16 values of a draw whose
+# size is not a multiple of 16 differ), and diffusers' randn_tensor draws in the model's dtype.
+HALF_SHAPE = (5, 4, 65, 65)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_euler_a_draws_step_noise_in_noise_dtype(dtype):
+    """With ε = 0 from x = 0, an Euler a step adds exactly σ_up·(its draw): compare draws bit for bit."""
+    from diffusers.utils.torch_utils import randn_tensor          # what diffusers' schedulers call
+    plan = make_plan(resolve_sampler("euler_a"), 3)
+    xs = list(sample(plan, lambda x, t: torch.zeros_like(x), torch.zeros(HALF_SHAPE),
+                     generator=torch.Generator().manual_seed(0), noise_dtype=dtype))
+
+    half_g, float_g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    expected, sigmas = torch.zeros(HALF_SHAPE), plan.sigmas.tolist()
+    for i, (x, s, s_next) in enumerate(zip(xs, sigmas, sigmas[1:])):
+        s_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)  # k-diffusion's get_ancestral_step
+        half = randn_tensor(HALF_SHAPE, generator=half_g, dtype=dtype)
+        rounded = torch.randn(HALF_SHAPE, generator=float_g).to(dtype)
+        assert not torch.equal(half, rounded)                         # the two draws differ here ...
+        if i < len(xs) - 1:                                           # (the last step has σ_up = 0)
+            assert s_up > 0 and not torch.equal(x, expected + s_up * rounded.float())
+        expected = expected + s_up * half.float()                     # ... and the sampler takes the half one
+        assert x.dtype == torch.float32 and torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("name,eta", [("euler_a", 0.0), ("ddpm", 0.0), ("ddim", 1.0)],
+                         ids=["euler_a", "ddpm", "ddim-eta1"])
+def test_float32_state_with_fp16_noise_follows_diffusers_fp16_loop(name, eta):
+    """A fp16 model under our float32 sampler vs diffusers' scheduler fed fp16 model outputs (its latents
+    are fp16 between steps; it draws noise in fp16). Measured rel err <= 1.9e-3 with noise_dtype=float16,
+    >= 0.093 when the noise is drawn in float32 (the draw differs in 16 values of each step's 84,500)."""
+    half_eps = lambda x, t: toy_eps(x.half(), t).half()               # noqa: E731
+    plan = make_plan(resolve_sampler(name), 3, eta=eta)
+    results = {}
+    for noise_dtype in (torch.float16, None):
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(HALF_SHAPE, generator=g, dtype=torch.float16).float()
+        results[noise_dtype] = list(sample(plan, lambda x, t: half_eps(x, t).float(), noise, generator=g,
+                                           noise_dtype=noise_dtype))
+    g = torch.Generator().manual_seed(0)
+    ref = reference_loop(name, 3, half_eps, torch.randn(HALF_SHAPE, generator=g, dtype=torch.float16), g, eta=eta)
+    assert ref[-1].dtype == torch.float16
+    for ours, wrong_draws, expected in zip(results[torch.float16], results[None], ref):
+        assert ours.dtype == torch.float32
+        assert rel_err(ours, expected) <= 5e-3
+        assert rel_err(wrong_draws, expected) > 0.05
 
 
 # ---- names and errors ----

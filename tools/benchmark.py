@@ -2,16 +2,27 @@
 
     python -m tools.benchmark                                   # random full-size SD1.5, CPU fp32
     python -m tools.benchmark --ckpt v1-5-pruned-emaonly.safetensors --steps 20 --out results.json
-    python -m tools.benchmark --device cuda --compile           # fp16 on a GPU; torch.compile our UNet
-    python -m tools.benchmark --only unet,decode --repeats 5
+    python -m tools.benchmark --only unet,decode --repeats 5 --size 768
+
+On a GPU (fp16 by default; each timed sample is --inner 10 calls between two synchronizes):
+
+    python -m tools.benchmark --device cuda --only unet,txt2img --steps 20 --repeats 5 --out gpu.json
+    python -m tools.benchmark --device cuda --only unet,txt2img --steps 20 --repeats 5 --compile
+    python -m tools.benchmark --device cuda --only unet,txt2img --steps 20 --repeats 5 --compile --compile-diffusers
+
+--compile goes through `Pipeline.compile()` ("max-autotune" on CUDA unless --compile-mode says otherwise);
+--compile-diffusers compiles diffusers' UNet the same way, for the compiled-vs-compiled figure. Compiling
+happens in each row's first call, reported apart as "first call" (minutes with max-autotune).
 
 Without --ckpt it writes a random full-size checkpoint (`tools.make_checkpoint`) as fp16 safetensors,
-plus an fp32 Lightning-style .ckpt for the load test, into a temporary folder. Both engines get the same
-tensors: ours through `sd15.load`, diffusers through its own LDM converters (built here, lazily, so the
-engine never imports diffusers). Timings alternate ours/diffusers repeat by repeat in this process, so
-machine noise hits both; the ratio column is the median of the per-repeat ratios (< 1: we are faster).
-Loads (to CPU) run each in a fresh subprocess that reports its peak resident memory (VmHWM) above the RSS
-it had after importing torch and sd15.
+plus an fp32 Lightning-style .ckpt for the load test, into a temporary folder. A tiny checkpoint
+(`python -m tools.make_checkpoint tiny.safetensors`) works too: model sizes come from the configs the file
+records, SD1.5's otherwise. Both engines get the same tensors: ours through `sd15.load`, diffusers
+through its own LDM converters (`tools.reference`, imported only here: the engine never imports
+diffusers). Timings alternate ours/diffusers repeat by repeat in this process, so machine noise hits
+both; the ratio column is the median of the per-repeat ratios (< 1: we are faster). On CUDA each row
+also records the peak memory each engine's calls allocated (torch.cuda.max_memory_allocated). Loads:
+see `tools.bench_load`.
 """
 
 import argparse
@@ -19,16 +30,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import sd15  # before torch: sd15 turns on THP_MEM_ALLOC_ENABLE, which torch reads once, at import (as the CLI)
 import torch
 
-import sd15
+from sd15.guidance import batch_timesteps
+from sd15.loader import Configs, configs_from_metadata
+from tools import bench_load, bench_report
 from tools.make_checkpoint import random_full_state_dict, save
+from weights_map.checkpoint import state_from_raw
+from weights_map.readers import read_checkpoint_file
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SECTIONS = ("load", "unet", "decode", "encode", "text", "txt2img", "flops")
@@ -36,39 +51,53 @@ SECTIONS = ("load", "unet", "decode", "encode", "text", "txt2img", "flops")
 
 # ---- timing --------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def timed(fn, device, inner=1) -> tuple[float, float, int | None]:
+    """One timed sample of `inner` calls: (wall s per call, CPU s per call: all this process's threads,
+    peak CUDA bytes allocated during the calls or None off CUDA).
 
-
-def timed(fn, device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process: all its threads) for one call."""
-    _sync(device)
+    GPU work is asynchronous: synchronizing before and after the whole loop times the kernels, and
+    `inner` calls per sample keep the two synchronizes and the timer small against ~10 ms calls."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        fn()
-    _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
+        for _ in range(inner):
+            fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = (time.perf_counter() - wall) / inner, (time.process_time() - cpu) / inner
+    return wall, cpu, torch.cuda.max_memory_allocated(device) if cuda else None
 
 
-def compare(name, ours, ref, *, repeats, device, warmup=True, check=None) -> dict:
+def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, check=None) -> dict:
     """Median times of `ours` and `ref`, alternating which runs first; ratio = median of per-repeat ratios.
 
-    The CPU-time ratio is steadier than the wall-clock one when other processes share the machine.
+    The first call of each is timed apart (`*_first_s`: it compiles, when compiled). On CUDA two more
+    untimed calls follow: CUDA graphs are recorded on the second. The CPU-time ratio is steadier than
+    the wall-clock one when other processes share the machine.
     """
     print(f"  {name} ...", file=sys.stderr, flush=True)
+    row = dict(key=key, name=name, inner=inner)
     if warmup:
-        timed(ours, device), timed(ref, device)
+        row["ours_first_s"], row["diffusers_first_s"] = timed(ours, device)[0], timed(ref, device)[0]
+        if device.type == "cuda":
+            timed(ours, device, 2), timed(ref, device, 2)
+    if device.type == "cuda":   # what both engines hold (weights, inputs): the peaks below include it
+        row["resident_bytes"] = torch.cuda.memory_allocated(device)
     t_ours, t_ref = [], []
     for r in range(repeats):
         pair = [(ours, t_ours), (ref, t_ref)]
         for fn, times in (pair if r % 2 == 0 else pair[::-1]):
-            times.append(timed(fn, device))
+            times.append(timed(fn, device, inner))
     med = statistics.median
-    row = dict(name=name, ours_s=med(w for w, _ in t_ours), diffusers_s=med(w for w, _ in t_ref),
-               ratio=med(a[0] / b[0] for a, b in zip(t_ours, t_ref)),
-               cpu_ratio=med(a[1] / b[1] for a, b in zip(t_ours, t_ref)),
-               ours_all=t_ours, diffusers_all=t_ref)
+    row |= dict(ours_s=med(s[0] for s in t_ours), diffusers_s=med(s[0] for s in t_ref),
+                ratio=med(a[0] / b[0] for a, b in zip(t_ours, t_ref)),
+                cpu_ratio=med(a[1] / b[1] for a, b in zip(t_ours, t_ref)),
+                ours_all=[s[:2] for s in t_ours], diffusers_all=[s[:2] for s in t_ref])
+    if device.type == "cuda":
+        row["ours_peak_bytes"], row["diffusers_peak_bytes"] = max(s[2] for s in t_ours), max(s[2] for s in t_ref)
     if check is not None:
         with torch.inference_mode():
             row["max_rel_diff"] = check()
@@ -79,70 +108,28 @@ def rel_diff(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-# ---- the reference: diffusers / transformers on the same original-layout tensors ---------------------
-
-def reference_models(sd, device, dtype):
-    """diffusers UNet + VAE and transformers CLIP text model, filled by diffusers' LDM converters."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet_cfg = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, attention_head_dim=8,
-        cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0)
-    vae_cfg = dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4,
-                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32,
-                   scaling_factor=0.18215)
-    text_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5, projection_dim=768)
-
-    def fill(model, state):
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
-
-    with torch.device("meta"):
-        unet, vae, text = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg), CLIPTextModel(text_cfg)
-    unet = fill(unet, convert_ldm_unet_checkpoint(sd, unet_cfg))
-    vae = fill(vae, convert_ldm_vae_checkpoint(sd, vae_cfg))
-    clip = convert_ldm_clip_checkpoint(sd)
-    clip.pop("text_model.embeddings.position_ids", None)          # ignored, as the engine does
-    if not hasattr(text, "text_model"):                           # transformers >= 5.6 flattened the model
-        clip = {k.removeprefix("text_model."): v for k, v in clip.items()}
-    embeddings = (text.text_model if hasattr(text, "text_model") else text).embeddings
-    embeddings.position_ids = torch.arange(77, device=device)[None]
-    return unet, vae, fill(text, clip)
-
-
-def reference_pipeline(unet, vae, text):
-    """StableDiffusionPipeline with DPM++ 2M Karras under SD1.5's scheduler config (as tests build it)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
-    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-    scheduler = DPMSolverMultistepScheduler.from_config(ddim.config, use_karras_sigmas=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def parity(ours, ref):
+    """A check: rel_diff of the two outputs. Ours is copied out (.double()) before ref runs: the output
+    of a CUDA-graph (max-autotune) call is overwritten by the next compiled call."""
+    def check():
+        a = ours().double()
+        return rel_diff(a, ref())
+    return check
 
 
 # ---- sections ------------------------------------------------------------------------------------
 
 def peak_matmul_flops(device, dtype, n=4096, repeats=5) -> dict:
-    """Best FLOP/s of an n x n x n matmul: torch.mm (MKL on CPU) and, on CPU, oneDNN's matmul."""
+    """Best FLOP/s of an n x n x n matmul: torch.mm (MKL on CPU, cuBLAS on CUDA) and, on CPU, oneDNN's."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     kernels = {"torch.mm": lambda: torch.mm(a, b)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    inner = 10 if device.type == "cuda" else 1
     peaks = {}
     for name, fn in kernels.items():
-        timed(fn, device)
-        peaks[name] = 2 * n ** 3 / min(timed(fn, device)[0] for _ in range(repeats))
+        timed(fn, device, inner)
+        peaks[name] = 2 * n ** 3 / min(timed(fn, device, inner)[0] for _ in range(repeats))
     return peaks
 
 
@@ -154,84 +141,110 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def meta_flops() -> dict:
-    """Counted on meta-device models: no weights, no compute, same ops."""
+def meta_flops(configs: Configs, size: int) -> dict:
+    """Counted on meta-device models at the benchmark's shapes: no weights, no compute, same ops."""
     from sd15.text_encoder import TextEncoder
     from sd15.unet import UNet
     from sd15.vae import VAE
+    u, v, c = configs.unet, configs.vae, configs.text_encoder
+    side = size // v.downscale
     with torch.device("meta"):
-        unet, vae, text = UNet(), VAE(), TextEncoder()
-        x, ctx, t = torch.empty(2, 4, 64, 64), torch.empty(2, 77, 768), torch.empty(2)
+        unet, vae, text = UNet(u), VAE(v), TextEncoder(c)
+        x, ctx, t = torch.empty(2, u.in_channels, side, side), torch.empty(2, c.max_length, u.context_dim), torch.empty(2)
         return {"unet": counted_flops(lambda: unet(x, t, ctx)),
-                "decode": counted_flops(lambda: vae.decode(torch.empty(1, 4, 64, 64))),
-                "encode": counted_flops(lambda: vae.encode_distribution(torch.empty(1, 3, 512, 512))),
-                "text": counted_flops(lambda: text(torch.zeros(2, 77, dtype=torch.long)))}
+                "decode": counted_flops(lambda: vae.decode(torch.empty(1, v.latent_channels, side, side))),
+                "encode": counted_flops(lambda: vae.encode_distribution(torch.empty(1, v.in_channels, size, size))),
+                "text": counted_flops(lambda: text(torch.zeros(2, c.max_length, dtype=torch.long)))}
 
 
-LOAD_SNIPPET = r"""
-import sys, time, torch, sd15
-def vm(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-base = vm("VmRSS:")
-start = time.perf_counter()
-pipe = sd15.load(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
-loaded = time.perf_counter() - start
-with torch.inference_mode():   # touch every page of every weight: mmap-backed tensors are read lazily
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        for p in m.parameters():
-            p.reshape(-1)[::max(1, 4096 // p.element_size())].sum()
-touched = time.perf_counter() - start
-print(f"{base} {vm('VmHWM:')} {loaded} {touched}")
-"""
+def compile_unets(args, pipe, unet_ref, device) -> None:
+    """--compile: ours through the engine's own Pipeline.compile; --compile-diffusers: theirs alike."""
+    if device.type == "cpu":        # inference only: let Inductor fold and prepack the weights
+        import torch._inductor.config
+        torch._inductor.config.freezing = True
+    if args.compile:
+        pipe.compile(args.compile_mode)
+    if args.compile_diffusers:
+        mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")  # Pipeline.compile's
+        if device.type == "cuda":   # NHWC, as Pipeline.compile gives ours (and diffusers' docs advise)
+            unet_ref.to(memory_format=torch.channels_last)
+        unet_ref.compile(mode=mode, fullgraph=True, dynamic=False)
 
 
-def raw_read_seconds(path: Path, chunk=64 << 20) -> tuple[float, float]:
-    """Plain reads of the whole file, after one read to warm the page cache: (into one reused 64 MiB buffer,
-    into one fresh buffer of the file's size, which also pays for the new pages as a loader would)."""
-    size = path.stat().st_size
-
-    def read_reused():
-        view = memoryview(bytearray(chunk))
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
-
-    def read_fresh():
-        buf = torch.empty(size, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            view, done = memoryview(buf.numpy()), 0
-            while done < size:
-                done += f.readinto(view[done:done + chunk])
-
-    read_reused()
-    times = []
-    for fn in (read_reused, read_fresh):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times[0], times[1]
+@torch.inference_mode()
+def inputs(tokenizer, configs: Configs, size: int, device, dtype):
+    """Model inputs at the configs' widths, made as the pipeline makes its own: inference tensors, and t
+    expanded from one value (a compiled UNet guards on both, so it then reuses its graph in txt2img)."""
+    u, v, c = configs.unet, configs.vae, configs.text_encoder
+    side, gen = size // v.downscale, torch.Generator().manual_seed(0)
+    ids = tokenizer(["", PROMPT]).to(device)
+    x = torch.randn(2, u.in_channels, side, side, generator=gen).to(device, dtype)
+    t = batch_timesteps(999.0, 2, device)
+    ctx = torch.randn(2, c.max_length, u.context_dim, generator=gen).to(device, dtype)
+    z = torch.randn(1, v.latent_channels, side, side, generator=gen).to(device, dtype)
+    img = (torch.rand(1, v.in_channels, size, size, generator=gen) * 2 - 1).to(device, dtype)
+    return ids, x, t, ctx, z, img
 
 
-def load_rows(files: list[tuple[Path, str]], repeats: int) -> list[dict]:
+def compare_models(args, path, raw, configs: Configs, device, dtype) -> list[dict]:
+    from tools.reference import reference_models, reference_pipeline
+    print("loading both engines ...", file=sys.stderr, flush=True)
+    pipe = sd15.load(path, device=device, dtype=dtype)
+    _fmt, sd, _quirks = state_from_raw(raw)
+    ref = reference_models(sd, configs.unet, configs.vae, configs.text_encoder, device=device, dtype=dtype)
+    del sd
+    if args.compile or args.compile_diffusers:
+        print("compiling (each row's first call compiles) ...", file=sys.stderr, flush=True)
+        compile_unets(args, pipe, ref.unet, device)
+    unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
+    ids, x, t, ctx, z, img = inputs(pipe.tokenizer, configs, args.size, device, dtype)
+    u, v, size = configs.unet, configs.vae, args.size
+    side = size // v.downscale
+    kw = dict(repeats=args.repeats, device=device, inner=args.inner)
     rows = []
-    for path, dtype in files:
-        print(f"  load {path.name} -> {dtype} ...", file=sys.stderr, flush=True)
-        size = path.stat().st_size
-        reads = [raw_read_seconds(path) for _ in range(2)]
-        raw, fresh = min(r[0] for r in reads), min(r[1] for r in reads)
-        runs = []
-        for _ in range(repeats):
-            out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(path), dtype], check=True,
-                                 capture_output=True, text=True).stdout.split()
-            base, hwm, loaded, touched = int(out[-4]), int(out[-3]), float(out[-2]), float(out[-1])
-            runs.append((touched, loaded, hwm - base))
-        touched, loaded, peak = sorted(runs)[len(runs) // 2]
-        rows.append(dict(file=path.name, dtype=dtype, file_bytes=size, raw_read_s=raw, fresh_read_s=fresh, load_s=loaded,
-                         load_touched_s=touched, ratio_to_read=touched / raw, peak_bytes=peak,
-                         peak_to_file=peak / size))
+
+    def add(key, name, ours, theirs):
+        if key in args.only:
+            rows.append(compare(key, name, ours, theirs, check=parity(ours, theirs), **kw))
+
+    add("unet", f"UNet step, CFG batch 2x{u.in_channels}x{side}x{side}", lambda: unet(x, t, ctx),
+        lambda: ref.unet(x, t, ctx).sample)
+    add("decode", f"VAE decode {size}x{size}", lambda: vae.decode(z), lambda: ref.vae.decode(z).sample)
+    add("encode", f"VAE encode {size}x{size}", lambda: vae.encode(img), lambda: ref.vae.encode(img).latent_dist.mean)
+    add("text", "text encoder, batch 2", lambda: text(ids), lambda: ref.text_encoder(ids).last_hidden_state)
+    for row in rows:
+        if row["key"] == "unet":   # one call = one sampling step
+            row["ours_it_s"], row["diffusers_it_s"] = 1 / row["ours_s"], 1 / row["diffusers_s"]
+    if "txt2img" in args.only:
+        rows.append(compare_txt2img(args, pipe, reference_pipeline(ref), ref.text_encoder, ids, device))
     return rows
+
+
+def compare_txt2img(args, pipe, ref_pipe, text_ref, ids, device) -> dict:
+    """Whole txt2img, DPM++ 2M Karras, one call per sample; warmed up only where the first call is
+    special (CUDA, compiled): on a CPU a full-size warm-up would cost a whole generation per engine."""
+    images, size = {}, args.size
+
+    def ours():
+        images["ours"] = pipe.txt2img(PROMPT, steps=args.steps, seed=0, sampler="DPM++ 2M Karras",
+                                      width=size, height=size)[0]
+
+    def theirs():   # the same work: the prompt through the text encoder, then the pipeline
+        states = text_ref(ids).last_hidden_state
+        images["ref"] = ref_pipe(prompt_embeds=states[1:], negative_prompt_embeds=states[:1], guidance_scale=7.5,
+                                 num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
+                                 height=size, width=size).images[0]
+
+    def pixels_diff():
+        import numpy as np
+        a, b = (np.asarray(images[k], dtype=np.int16) for k in ("ours", "ref"))
+        return float(np.abs(a - b).max()) / 255
+
+    warmup = device.type == "cuda" or args.compile or args.compile_diffusers
+    row = compare("txt2img", f"txt2img {size}x{size}, {args.steps} steps DPM++ 2M Karras", ours, theirs,
+                  repeats=args.repeats, device=device, warmup=warmup, check=pixels_diff)
+    row["ours_it_s"], row["diffusers_it_s"] = args.steps / row["ours_s"], args.steps / row["diffusers_s"]
+    return row
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -242,7 +255,9 @@ def machine() -> dict:
     mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0) \
         if os.path.exists("/proc/meminfo") else 0
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=mem, torch=torch.__version__, threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                # what torch read at import (sd15 sets it when imported first; see sd15/__init__.py)
+                thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1")
 
 
 def prepare_files(args, tmp: Path) -> tuple[Path, list[tuple[Path, str]]]:
@@ -268,147 +283,65 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = dict(machine=machine(), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                   steps=args.steps, repeats=args.repeats, command=" ".join(sys.argv), rows=[])
+    results = dict(machine=machine(), device=str(device), dtype=str(dtype).removeprefix("torch."), size=args.size,
+                   steps=args.steps, repeats=args.repeats, inner=args.inner, command=args.command, rows=[],
+                   compile=dict(ours=args.compile, diffusers=args.compile_diffusers, mode=args.compile_mode))
     with tempfile.TemporaryDirectory(prefix="sd15-bench-") as tmp:
         path, load_files = prepare_files(args, args.workdir or Path(tmp))
         if "load" in args.only:          # before the big models exist in this process
-            results["load"] = load_rows(load_files, args.load_repeats)
+            results["load"] = bench_load.load_rows(load_files, args.load_repeats)
+        raw = read_checkpoint_file(path)
+        configs = configs_from_metadata(raw.metadata)   # a tools.make_checkpoint file's; SD1.5's otherwise
         if set(args.only) - {"load", "flops"}:
-            results["rows"] = compare_models(args, path, device, dtype)
+            results["rows"] = compare_models(args, path, raw, configs, device, dtype)
+        del raw
     if "flops" in args.only:
-        counts = meta_flops()
-        peak = peak_matmul_flops(device, dtype)
-        results["flops"] = dict(peak_matmul=peak, counted=counts)
+        results["flops"] = dict(peak_matmul=peak_matmul_flops(device, dtype, args.matmul_size),
+                                matmul_size=args.matmul_size, counted=meta_flops(configs, args.size))
     return results
 
 
-def compare_models(args, path, device, dtype):
-    from weights_map.checkpoint import read_state
-    print("loading both engines ...", file=sys.stderr, flush=True)
-    pipe = sd15.load(path, device=device, dtype=dtype)
-    _fmt, sd, _quirks = read_state(path)
-    unet_ref, vae_ref, text_ref = reference_models(sd, device, dtype)
-    del sd
-    unet = pipe.unet
-    if args.compile:
-        if device.type == "cpu":        # inference only: let Inductor fold and prepack the weights
-            import torch._inductor.config
-            torch._inductor.config.freezing = True
-        print("compiling our UNet (the first call compiles) ...", file=sys.stderr, flush=True)
-        unet = pipe.unet = torch.compile(pipe.unet)
-    gen = torch.Generator().manual_seed(0)
-    ids = pipe.tokenizer(["", PROMPT]).to(device)
-    x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
-    t = torch.tensor([999.0, 999.0], device=device)
-    ctx = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
-    z = torch.randn(1, 4, 64, 64, generator=gen).to(device, dtype)
-    img = (torch.rand(1, 3, 512, 512, generator=gen) * 2 - 1).to(device, dtype)
-    kw = dict(repeats=args.repeats, device=device)
-    rows = []
-    if "unet" in args.only:
-        rows.append(compare("UNet step, CFG batch 2x4x64x64", lambda: unet(x, t, ctx),
-                            lambda: unet_ref(x, t, ctx).sample,
-                            check=lambda: rel_diff(unet(x, t, ctx), unet_ref(x, t, ctx).sample), **kw))
-    if "decode" in args.only:
-        rows.append(compare("VAE decode 512x512", lambda: pipe.vae.decode(z), lambda: vae_ref.decode(z).sample,
-                            check=lambda: rel_diff(pipe.vae.decode(z), vae_ref.decode(z).sample), **kw))
-    if "encode" in args.only:
-        rows.append(compare("VAE encode 512x512", lambda: pipe.vae.encode_distribution(img),
-                            lambda: vae_ref.encode(img).latent_dist,
-                            check=lambda: rel_diff(pipe.vae.encode(img), vae_ref.encode(img).latent_dist.mean), **kw))
-    if "text" in args.only:
-        rows.append(compare("text encoder, batch 2", lambda: pipe.text_encoder(ids),
-                            lambda: text_ref(ids).last_hidden_state,
-                            check=lambda: rel_diff(pipe.text_encoder(ids), text_ref(ids).last_hidden_state), **kw))
-    if "txt2img" in args.only:
-        ref = reference_pipeline(unet_ref, vae_ref, text_ref)
-        images = {}
-
-        def ours():
-            images["ours"] = pipe.txt2img(PROMPT, steps=args.steps, seed=0, sampler="DPM++ 2M Karras")[0]
-
-        def theirs():   # the same work: the prompt through the text encoder, then the pipeline
-            states = text_ref(ids).last_hidden_state
-            images["ref"] = ref(prompt_embeds=states[1:], negative_prompt_embeds=states[:1], guidance_scale=7.5,
-                                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
-                                height=512, width=512).images[0]
-
-        def pixels_diff():
-            import numpy as np
-            a, b = (np.asarray(images[k], dtype=np.int16) for k in ("ours", "ref"))
-            return float(np.abs(a - b).max()) / 255
-
-        rows.append(compare(f"txt2img 512x512, {args.steps} steps DPM++ 2M Karras", ours, theirs, warmup=False,
-                            check=pixels_diff, **kw))
-    return rows
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    out = [f"{m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM, torch {m['torch']}, "
-           f"{m['threads']} threads; {results['device']} {results['dtype']}", ""]
-    if results["rows"]:
-        out += ["| measurement | ours (s) | diffusers (s) | ours / diffusers | same, CPU time | max rel. diff |",
-                "|---|---:|---:|---:|---:|---:|"]
-        for r in results["rows"]:
-            out.append(f"| {r['name']} | {r['ours_s']:.3f} | {r['diffusers_s']:.3f} | **{r['ratio']:.2f}** | "
-                       f"{r['cpu_ratio']:.2f} | {r.get('max_rel_diff', float('nan')):.1e} |")
-        out.append("(txt2img: the last column is the largest pixel difference / 255 between the two images.)")
-        unet = next((r for r in results["rows"] if r["name"].startswith("UNet")), None)
-        if unet:
-            out += ["", f"UNet it/s (CFG batch 2): ours {1 / unet['ours_s']:.3f}, diffusers {1 / unet['diffusers_s']:.3f}"]
-        out.append("")
-    if "load" in results:
-        out += ["| load | file | raw read (s) | read to new memory (s) | sd15.load (s) | load + touch (s) | / raw read "
-                "| peak RSS | / file |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in results["load"]:
-            out.append(f"| {r['file']} -> {r['dtype']} | {r['file_bytes'] / 2**30:.2f} GiB | {r['raw_read_s']:.2f} | "
-                       f"{r['fresh_read_s']:.2f} | "
-                       f"{r['load_s']:.2f} | {r['load_touched_s']:.2f} | **{r['ratio_to_read']:.2f}** | "
-                       f"{r['peak_bytes'] / 2**30:.2f} GiB | **{r['peak_to_file']:.2f}** |")
-        out.append("")
-    if "flops" in results:
-        f = results["flops"]
-        peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in f["peak_matmul"].items())
-        peak = max(f["peak_matmul"].values())
-        out += [f"matmul peak (4096² x 4096², {results['dtype']}, GFLOP/s): {peaks}", "",
-                "| component | counted GFLOP | ours (s) | ours GFLOP/s | % of best peak | diffusers GFLOP/s |",
-                "|---|---:|---:|---:|---:|---:|"]
-        names = {"unet": "UNet", "decode": "VAE decode", "encode": "VAE encode", "text": "text encoder"}
-        for key, flops in f["counted"].items():
-            row = next((r for r in results["rows"] if r["name"].startswith(names[key])), None)
-            if row is None:
-                out.append(f"| {names[key]} | {flops / 1e9:.0f} | | | | |")
-                continue
-            ours, ref = flops / row["ours_s"], flops / row["diffusers_s"]
-            out.append(f"| {names[key]} | {flops / 1e9:.0f} | {row['ours_s']:.3f} | {ours / 1e9:.0f} | "
-                       f"{100 * ours / peak:.0f}% | {ref / 1e9:.0f} |")
-    return "\n".join(out)
-
-
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=Path, help="a real SD1.x checkpoint (default: random full-size weights)")
+    p.add_argument("--ckpt", type=Path, help="an SD1.x checkpoint, real or tiny (default: random full-size weights)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 8 (default 512)")
     p.add_argument("--steps", type=int, default=4, help="txt2img steps (default 4: ~10 s per step on a small CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timed repeats per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating timed samples per measurement")
+    p.add_argument("--inner", type=int, help="calls per timed sample of a model (default: 10 on CUDA, 1 on CPU); "
+                                             "txt2img is always one call")
     p.add_argument("--load-repeats", type=int, default=1, help="fresh-process loads per file")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: fp16 on cuda, else fp32")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our UNet (opt-in)")
+    p.add_argument("--compile", action="store_true", help="our UNet through Pipeline.compile() (opt-in)")
+    p.add_argument("--compile-diffusers", action="store_true", help="torch.compile diffusers' UNet the same way")
+    p.add_argument("--compile-mode", help="torch.compile mode for both (default: Pipeline.compile's: "
+                                          "max-autotune on CUDA, default on CPU)")
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n matmul peak (flops section)")
     p.add_argument("--workdir", type=Path, help="keep the random checkpoints here and reuse them (default: a temp dir)")
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
+    args.command = " ".join(["python -m tools.benchmark", *(sys.argv[1:] if argv is None else argv)])
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     if args.ckpt is not None and not args.ckpt.is_file():
         p.error(f"{args.ckpt}: no such file")
+    if args.size <= 0 or args.size % 8:
+        p.error(f"--size {args.size}: the image side must be a positive multiple of 8")
+    if min(args.repeats, args.load_repeats, args.inner or 1) < 1:
+        p.error("--repeats, --load-repeats and --inner must be at least 1")
+    if args.inner is None:
+        args.inner = 10 if args.device.startswith("cuda") else 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     results = run(args)
-    print(markdown(results))
+    print(bench_report.markdown(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
