@@ -15,11 +15,14 @@ import sys
 # always is); an explicit THP_MEM_ALLOC_ENABLE=0 is respected. Numbers are unaffected: only where memory
 # comes from. An untouched 4 MiB tensor makes torch read it now; then it is removed again, so the
 # user's child processes do not inherit it.
+# `huge_pages` says whether torch's allocator was asked for them (by sd15, or by the user's environment).
+huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     try:
         import torch
         torch.empty(4 << 20, dtype=torch.uint8)
+        huge_pages = True
     finally:
         del os.environ["THP_MEM_ALLOC_ENABLE"]
 

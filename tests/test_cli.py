@@ -308,7 +308,7 @@ def test_compile_flag_compiles_the_unet(ckpt, tmp_path, capsys, caplog):
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
-# Fills a fresh 256 MiB tensor, then prints THP_MEM_ALLOC_ENABLE and the AnonHugePages (kB) of the
+# Fills a fresh 256 MiB tensor, then prints THP_MEM_ALLOC_ENABLE, sd15.huge_pages and the AnonHugePages (kB) of the
 # mapping that holds the tensor, from /proc/self/smaps.
 HUGE_PAGES_PROBE = """
 import os
@@ -322,7 +322,7 @@ for line in open("/proc/self/smaps"):
         lo, hi = (int(v, 16) for v in head.split("-"))
         inside = lo <= ptr < hi
     elif inside and head == "AnonHugePages:":
-        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), line.split()[1])
+        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), sd15.huge_pages, line.split()[1])
         break
 """
 
@@ -333,23 +333,23 @@ def thp_mode() -> str | None:
     return match.group(1) if match else None
 
 
-def huge_pages_probe(**env) -> tuple[str, int]:
+def huge_pages_probe(**env) -> tuple[str, str, int]:
     base = {k: v for k, v in cli_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
     result = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=base | env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    setting, kb = result.stdout.split()
-    return setting, int(kb)
+    setting, flag, kb = result.stdout.split()
+    return setting, flag, int(kb)
 
 
 @pytest.mark.skipif(thp_mode() in (None, "never"), reason=f"transparent huge pages are off or absent ({THP_MODE})")
 def test_import_sd15_backs_large_tensors_with_huge_pages():
-    setting, kb = huge_pages_probe()
-    assert setting == "None"        # read by torch, then removed: the user's child processes do not inherit it
+    setting, flag, kb = huge_pages_probe()
+    assert (setting, flag) == ("None", "True")        # read by torch, then removed: the user's child processes do not inherit it
     assert kb >= 128 << 10          # measured 254 of the 256 MiB; half leaves room for a fragmented host
 
 
 @pytest.mark.skipif(thp_mode() != "madvise",
                     reason="only in THP's madvise mode does memory torch does not madvise stay in 4 KiB pages")
 def test_thp_mem_alloc_enable_0_is_respected():
-    assert huge_pages_probe(THP_MEM_ALLOC_ENABLE="0") == ("0", 0)
+    assert huge_pages_probe(THP_MEM_ALLOC_ENABLE="0") == ("0", "False", 0)

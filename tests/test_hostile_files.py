@@ -1,7 +1,6 @@
 """Hostile and malformed files, generated here: each must raise CheckpointError saying what is wrong,
 quickly, and no payload may run (the canary file it would create must not appear)."""
 
-import io
 import json
 import pickle
 import struct

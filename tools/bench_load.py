@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-# sd15 before torch, as in the CLI: it turns on THP_MEM_ALLOC_ENABLE, which torch reads once at import.
+# sd15 before torch, as in the CLI: it turns on THP_MEM_ALLOC_ENABLE, which torch reads once.
 LOAD_SNIPPET = r"""
 import sys, time
 import sd15

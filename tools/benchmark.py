@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import sd15  # before torch: sd15 turns on THP_MEM_ALLOC_ENABLE, which torch reads once, at import (as the CLI)
+import sd15  # before torch: sd15 turns on THP_MEM_ALLOC_ENABLE, which torch reads once (as in the CLI)
 import torch
 
 from sd15.guidance import batch_timesteps
@@ -257,7 +257,7 @@ def machine() -> dict:
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=mem, torch=torch.__version__, threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 # what torch read at import (sd15 sets it when imported first; see sd15/__init__.py)
-                thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1")
+                thp_mem_alloc=sd15.huge_pages)
 
 
 def prepare_files(args, tmp: Path) -> tuple[Path, list[tuple[Path, str]]]:

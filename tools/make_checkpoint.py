@@ -10,7 +10,6 @@ models written back through the inverted key map. The images they give are noise
 """
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
