@@ -10,14 +10,14 @@ import sys
 
 # Transparent huge pages for torch's large CPU allocations (>= 2 MiB): fresh memory then faults in
 # 2 MiB at a time instead of 4 KiB, which made a 512² VAE decode ~15 % faster and a fp16 -> fp32 cast
-# ~5x faster on the benchmark machine (BENCHMARKS.md). torch reads the variable once, at its first
-# large allocation, so this only takes effect when sd15 is imported before torch has made one (the CLI
-# always is); an explicit THP_MEM_ALLOC_ENABLE=0 is respected. Numbers are unaffected: only where memory
-# comes from. An untouched 4 MiB tensor makes torch read it now; then it is removed again, so the
-# user's child processes do not inherit it.
+# ~5x faster on the benchmark machine (BENCHMARKS.md). torch (on Linux) reads the variable once, at an
+# early allocation, so this only takes effect when sd15 is imported before torch (the CLI always is); an
+# explicit THP_MEM_ALLOC_ENABLE=0 is respected. Numbers are unaffected: only where memory comes from.
+# An untouched 4 MiB tensor makes sure torch has read it; then it is removed again, so the user's child
+# processes do not inherit it.
 # `huge_pages` says whether torch's allocator was asked for them (by sd15, or by the user's environment).
-huge_pages = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
-if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
+huge_pages = sys.platform == "linux" and os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+if sys.platform == "linux" and "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     try:
         import torch

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="model precision; auto = float16 on CUDA, float32 elsewhere")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet: faster steps on a GPU after minutes of compiling, so worth it "
-                        "for long runs; on CPU the default eager path is faster")
+                   help="torch.compile the UNet: faster steps on a GPU, but every run pays minutes of compiling "
+                        "first (partly cached on disk between runs), so it pays only for many steps or a big "
+                        "batch; on CPU the default eager path is faster")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -136,6 +137,7 @@ def run(args) -> list[Path]:
         if args.compile:
             if pipe.device.type == "cpu":
                 log.warning("--compile on CPU: the eager fast path measured faster; compiling anyway")
+            log.warning("--compile: the first step compiles the UNet, which takes minutes")
             pipe.compile()
         bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr)
 
@@ -151,6 +153,11 @@ def run(args) -> list[Path]:
                 images = pipe.img2img(args.init_image, args.prompt, strength=args.strength, **common)
             else:
                 images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **common)
+        except Exception as e:
+            if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):  # no C++ compiler, no Triton
+                raise ValueError(f"--compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                 "run without --compile") from None
+            raise
         finally:
             bar.close()
     for image, path in zip(images, paths):

@@ -39,10 +39,12 @@ DEFAULT_GUIDANCE = 7.5
 
 Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
 
-# The sampler's state and arithmetic stay in float32 whatever the models' dtype: a fp16 UNet's
-# predictions are cast up before guidance and the update, and x is cast down only as the UNet's input.
-# diffusers keeps fp16 latents between steps; this loses less, for a few elementwise ops per step.
-SAMPLER_DTYPE = torch.float32
+# The sampler's state and arithmetic stay in float32 (float64 for float64 models) whatever the models'
+# dtype: a fp16 UNet's predictions are cast up before guidance and the update, and x is cast down only
+# as the UNet's input. diffusers keeps fp16 latents between steps; this loses less, for a few
+# elementwise ops per step.
+def sampler_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(model_dtype, torch.float32)
 
 
 def random_seed() -> int:
@@ -164,7 +166,8 @@ class Pipeline:
             noise = latents
         with torch.inference_mode():
             eps_model = self._guided_model(prompts, negatives, guidance_scale)
-            final = self._run(plan, eps_model, noise.to(self.device, SAMPLER_DTYPE), None, generator, progress)
+            state = noise.to(self.device, sampler_dtype(self.dtype))
+            final = self._run(plan, eps_model, state, None, generator, progress)
             images = tensor_to_pil(self.decode(final))
         settings = self._settings(spec, steps, guidance_scale, seed, width, height, eta)
         return self._annotate(images, prompts, negatives, settings, seed)
@@ -191,9 +194,10 @@ class Pipeline:
             # diffusers' order: the posterior sample first, then the forward-process noise.
             mean, logvar = self._encode_distribution(pixels.to(self.device, self.dtype))
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-            mean, logvar, eps = mean.to(SAMPLER_DTYPE), logvar.to(SAMPLER_DTYPE), eps.to(SAMPLER_DTYPE)
+            state_dtype = sampler_dtype(self.dtype)
+            mean, logvar, eps = mean.to(state_dtype), logvar.to(state_dtype), eps.to(state_dtype)
             x0 = to_diffusion(mean + torch.exp(0.5 * logvar) * eps).repeat(total // len(pixels), 1, 1, 1)
-            noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device, SAMPLER_DTYPE)
+            noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device, state_dtype)
             eps_model = self._guided_model(prompts, negatives, guidance_scale)
             final = self._run(plan, eps_model, noise, x0, generator, progress)
             images = tensor_to_pil(self.decode(final))

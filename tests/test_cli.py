@@ -304,6 +304,19 @@ def test_compile_flag_compiles_the_unet(ckpt, tmp_path, capsys, caplog):
     assert any("--compile on CPU" in r.getMessage() for r in caplog.records if r.name == "sd15")
 
 
+def test_compile_failure_is_a_clean_error(ckpt, tmp_path):
+    """No working C++ compiler (Inductor's CPU backend needs one): one error line, exit 2, no image.
+    A fresh Inductor cache, so nothing compiled earlier can stand in for the compiler."""
+    env = cli_env(CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    result = cli("--ckpt", ckpt, "--prompt", "x", "--steps", "1", "--width", "32", "--height", "32",
+                 "--device", "cpu", "--compile", "--quiet", "--out", tmp_path / "c.png", cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--compile failed" in errors[0] and "C++ compiler" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "c.png").exists()
+
+
 # ---- transparent huge pages ------------------------------------------------------------------------
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -174,7 +174,7 @@ def compile_unets(args, pipe, unet_ref, device) -> None:
 @torch.inference_mode()
 def inputs(tokenizer, configs: Configs, size: int, device, dtype):
     """Model inputs at the configs' widths, made as the pipeline makes its own: inference tensors, and t
-    expanded from one value (a compiled UNet guards on both, so it then reuses its graph in txt2img)."""
+    made by torch.full (a compiled UNet guards on both, so it then reuses its graph in txt2img)."""
     u, v, c = configs.unet, configs.vae, configs.text_encoder
     side, gen = size // v.downscale, torch.Generator().manual_seed(0)
     ids = tokenizer(["", PROMPT]).to(device)
