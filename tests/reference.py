@@ -12,19 +12,16 @@ Both load with `load_state_dict(strict=True, assign=True)`, so a missing or stra
 the models share the dict's tensors (no copy: full size costs the dict's memory once, not three times).
 """
 
-from dataclasses import dataclass
-
 import torch
 
-from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.loader import Configs
 from sd15.text_encoder import TextEncoder
 from sd15.unet import UNet
 from sd15.vae import VAE
-from tools import reference as _tools
 from tools.make_checkpoint import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE
 from tools.reference import (POSITION_IDS, SCHEDULERS, SD15_SCHEDULER, Models, clip_text_config,
-                             diffusers_unet_config, diffusers_vae_config, fill, reference_scheduler,
-                             reference_text_encoder, reference_unet, reference_vae)
+                             diffusers_unet_config, diffusers_vae_config, fill, reference_models, reference_scheduler,
+                             reference_text_encoder, reference_unet, reference_vae, rel_err)
 from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
 from weights_map.remap import remap
 
@@ -33,20 +30,8 @@ __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_model
            "engine_models", "component", "rel_err", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
 
 
-@dataclass(frozen=True)
-class Configs:
-    unet: UNetConfig = UNetConfig()
-    vae: VAEConfig = VAEConfig()
-    text: TextEncoderConfig = TextEncoderConfig()
-
-
-FULL = Configs()
+FULL = Configs()                                  # sd15.loader's: the configs sd15.load builds with
 TINY = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)
-
-
-def reference_models(sd: dict, configs: Configs = FULL) -> Models:
-    """diffusers/transformers models filled from an original-layout dict by diffusers' converters."""
-    return _tools.reference_models(sd, configs.unet, configs.vae, configs.text)
 
 
 def component(sd: dict, name: str) -> dict:
@@ -69,9 +54,4 @@ def engine_models(sd: dict, configs: Configs = FULL) -> Models:
     """Our models from the same dict, through `weights_map.remap` (what `sd15.loader` does for users)."""
     return Models(_engine(UNet, configs.unet, sd, "unet", unet_key_map(configs.unet)),
                   _engine(VAE, configs.vae, sd, "vae", vae_key_map(configs.vae), vae_transforms(configs.vae)),
-                  _engine(TextEncoder, configs.text, sd, "text_encoder", text_key_map(configs.text)))
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|ours - ref| / max|ref| (the parity metric: relative to the reference's largest magnitude)."""
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+                  _engine(TextEncoder, configs.text_encoder, sd, "text_encoder", text_key_map(configs.text_encoder)))

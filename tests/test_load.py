@@ -23,12 +23,11 @@ from torch.utils._pytree import tree_leaves
 import sd15
 from ckpt_writers import SCHEDULE, ema_name, write_lightning, write_safetensors, write_torch
 from reference import TINY, engine_models, rel_err
-from sd15.loader import Configs
 from sd15.unet import UNet
-from tools.make_checkpoint import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE, random_state_dict, tiny_metadata
+from tools.make_checkpoint import PREFIX, TINY_TEXT, random_state_dict, tiny_metadata
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)   # for torch files, which carry no config metadata
+CONFIGS = TINY   # for torch files, which carry no config metadata
 UNET, VAE, CLIP = PREFIX["unet"], PREFIX["vae"], PREFIX["text_encoder"]
 POSITION_IDS = CLIP + "text_model.embeddings.position_ids"
 
@@ -482,7 +481,7 @@ def test_no_random_initialisation(canonical):
     assert not any(t.is_meta for t in params(pipe).values())
     # The detector is not blind: an ordinary (CPU) build of the tiny UNet fills real memory randomly.
     with OpLog() as log:
-        UNet(TINY_UNET)
+        UNet(TINY.unet)
     assert any(r in p[0] for p in log.real() for r in RANDOM_OPS)
 
 

@@ -58,7 +58,7 @@ def test_text_encoder_tiny(tiny_models):
 def test_text_encoder_output_ignores_special_token_config(tiny_models, tiny_state_dict):
     """The reference's bos/eos/pad ids only choose the pooled output; SD uses all 77 hidden states."""
     ref, _ = tiny_models
-    other = reference_text_encoder(tiny_state_dict, TINY.text, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    other = reference_text_encoder(tiny_state_dict, TINY.text_encoder, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
     ids = token_ids([PROMPT_IDS])
     assert torch.equal(other(ids).last_hidden_state, ref.text_encoder(ids).last_hidden_state)
 
@@ -191,7 +191,7 @@ def test_checkpoint_position_ids_are_ignored(tiny_models, tiny_state_dict):
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None] * 0.99
     ids = token_ids([PROMPT_IDS])
     want = tiny_models[0].text_encoder(ids).last_hidden_state
-    assert torch.equal(reference_text_encoder(sd, TINY.text)(ids).last_hidden_state, want)
+    assert torch.equal(reference_text_encoder(sd, TINY.text_encoder)(ids).last_hidden_state, want)
     assert rel_err(engine_models(sd, TINY).text_encoder(ids), want) <= TOL
 
 
@@ -201,7 +201,7 @@ def test_reference_configs_are_sd15s():
     assert unet | SD15_UNET == unet
     vae = diffusers_vae_config(FULL.vae)
     assert vae | SD15_VAE == vae
-    text = clip_text_config(FULL.text).to_dict()
+    text = clip_text_config(FULL.text_encoder).to_dict()
     assert text | SD15_TEXT == text
 
 

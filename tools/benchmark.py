@@ -104,16 +104,14 @@ def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, chec
     return row
 
 
-def rel_diff(a, b) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 def parity(ours, ref):
-    """A check: rel_diff of the two outputs. Ours is copied out (.double()) before ref runs: the output
-    of a CUDA-graph (max-autotune) call is overwritten by the next compiled call."""
+    """A check: tools.reference.rel_err of the two outputs. Ours is copied out (.double()) before ref runs:
+    the output of a CUDA-graph (max-autotune) call is overwritten by the next compiled call."""
+    from tools.reference import rel_err   # diffusers only where the reference runs
+
     def check():
         a = ours().double()
-        return rel_diff(a, ref())
+        return rel_err(a, ref())
     return check
 
 
@@ -191,7 +189,7 @@ def compare_models(args, path, raw, configs: Configs, device, dtype) -> list[dic
     print("loading both engines ...", file=sys.stderr, flush=True)
     pipe = sd15.load(path, device=device, dtype=dtype)
     _fmt, sd, _quirks = state_from_raw(raw)
-    ref = reference_models(sd, configs.unet, configs.vae, configs.text_encoder, device=device, dtype=dtype)
+    ref = reference_models(sd, configs, device=device, dtype=dtype)
     del sd
     if args.compile or args.compile_diffusers:
         print("compiling (each row's first call compiles) ...", file=sys.stderr, flush=True)

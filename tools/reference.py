@@ -6,8 +6,8 @@ our config dataclasses, built on the meta device and filled with diffusers' own 
 an original-layout state dict. Those converters are an independent witness of the checkpoint layout:
 if `weights_map.keymap` is wrong, the two sets of models disagree.
 
-    ref = reference_models(sd, unet_cfg, vae_cfg, text_cfg)     # tests: the models share sd's tensors
-    ref = reference_models(sd, unet_cfg, vae_cfg, text_cfg, device="cuda", dtype=torch.float16)  # benchmark
+    ref = reference_models(sd, configs)     # tests: the models share sd's tensors
+    ref = reference_models(sd, configs, device="cuda", dtype=torch.float16)  # benchmark: cast while loading
 
 Used by the tests (`tests/reference.py`) and by `tools.benchmark`. diffusers and transformers are
 test/benchmark dependencies only: the engine (`sd15/`) never imports this module.
@@ -22,6 +22,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.loader import Configs
 
 # Merged checkpoints carry a `position_ids` buffer (sometimes broken floats); both sides ignore it.
 POSITION_IDS = "text_model.embeddings.position_ids"
@@ -124,14 +125,19 @@ def reference_text_encoder(sd: dict, cfg: TextEncoderConfig, *, device=None, dty
     return fill(model, state, "transformers CLIPTextModel", device, dtype)
 
 
-def reference_models(sd: dict, unet: UNetConfig, vae: VAEConfig, text: TextEncoderConfig, *,
-                     device=None, dtype=None) -> Models:
+def reference_models(sd: dict, configs: Configs = Configs(), *, device=None, dtype=None) -> Models:
     """diffusers/transformers models filled from an original-layout dict by diffusers' converters.
 
     Without device/dtype they share the dict's tensors; with them, each tensor is cast as it is loaded.
     """
     kw = dict(device=device, dtype=dtype)
-    return Models(reference_unet(sd, unet, **kw), reference_vae(sd, vae, **kw), reference_text_encoder(sd, text, **kw))
+    return Models(reference_unet(sd, configs.unet, **kw), reference_vae(sd, configs.vae, **kw),
+                  reference_text_encoder(sd, configs.text_encoder, **kw))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|ours - ref| / max|ref| (the parity metric: relative to the reference's largest magnitude)."""
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 # ---- schedulers: diffusers' SD1.5 scheduler config, and the scheduler for each of our sampler names ----
