@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from reference import TINY, engine_models, reference_models
-from tools.make_checkpoint import random_state_dict, save, tiny_metadata
+from sd15.models.demo import random_state_dict, tiny_metadata
+from tools.make_checkpoint import save
 
 
 @pytest.fixture(scope="session")

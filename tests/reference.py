@@ -1,6 +1,6 @@
 """Reference models for parity tests: diffusers / transformers built from the same original-layout tensors.
 
-The builders live in `tools/reference.py` (shared with `tools.benchmark`; DESIGN.md §5); this module
+The builders live in `tools/reference.py` (shared with `tools.benchmark`; docs/architecture.md, "Parity"); this module
 re-exports them under the names the tests use, and adds what only tests need: the FULL/TINY config
 sets, our own models built straight from a dict (`engine_models`), and the parity metric.
 
@@ -14,23 +14,23 @@ the models share the dict's tensors (no copy: full size costs the dict's memory 
 
 import torch
 
-from sd15.loader import Configs
-from sd15.text_encoder import TextEncoder
-from sd15.unet import UNet
-from sd15.vae import VAE
-from tools.make_checkpoint import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE
+from sd15.models.loading import Configs
+from sd15.models.text_encoder import TextEncoder
+from sd15.models.unet import UNet
+from sd15.models.vae import VAE
+from sd15.models.demo import PREFIX, TINY_TEXT, TINY_UNET, TINY_VAE
 from tools.reference import (POSITION_IDS, SCHEDULERS, SD15_SCHEDULER, Models, clip_text_config,
                              diffusers_unet_config, diffusers_vae_config, fill, reference_models, reference_scheduler,
                              reference_text_encoder, reference_unet, reference_vae, rel_err)
-from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
-from weights_map.remap import remap
+from sd15.models.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from sd15.files.remap import remap
 
 __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
            "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
            "engine_models", "component", "rel_err", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
 
 
-FULL = Configs()                                  # sd15.loader's: the configs sd15.load builds with
+FULL = Configs()                                  # sd15.models.loading's: the configs sd15.load builds with
 TINY = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)
 
 
@@ -45,13 +45,13 @@ def _engine(module_cls, cfg, sd: dict, name: str, key_map: dict, transforms=None
         model = module_cls(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     source = component(sd, name)
-    source.pop(POSITION_IDS, None)            # DESIGN.md §3: positions are always 0..76
+    source.pop(POSITION_IDS, None)            # docs/architecture.md, "Numerics": positions are always 0..76
     state = remap(source, key_map, shapes, component=name, transform_names=transforms)
     return fill(model, state, f"engine {name}")
 
 
 def engine_models(sd: dict, configs: Configs = FULL) -> Models:
-    """Our models from the same dict, through `weights_map.remap` (what `sd15.loader` does for users)."""
+    """Our models from the same dict, through `sd15.files.remap` (what `sd15.models.loading` does for users)."""
     return Models(_engine(UNet, configs.unet, sd, "unet", unet_key_map(configs.unet)),
                   _engine(VAE, configs.vae, sd, "vae", vae_key_map(configs.vae), vae_transforms(configs.vae)),
                   _engine(TextEncoder, configs.text_encoder, sd, "text_encoder", text_key_map(configs.text_encoder)))

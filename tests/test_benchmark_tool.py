@@ -10,7 +10,8 @@ import math
 import pytest
 
 from tools import benchmark
-from tools.make_checkpoint import random_state_dict, save, tiny_metadata
+from sd15.models.demo import random_state_dict, tiny_metadata
+from tools.make_checkpoint import save
 
 MODEL_ROWS = ("unet", "decode", "encode", "text")
 

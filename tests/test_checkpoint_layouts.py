@@ -1,4 +1,4 @@
-"""SD 1.x checkpoint layouts seen in the wild (DESIGN §4): split, normalised, or refused by name."""
+"""SD 1.x checkpoint layouts seen in the wild (docs/architecture.md, "Checkpoints in the wild"): split, normalised, or refused by name."""
 
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import torch
 
 from ckpt_writers import (CLIP, UNET, VAE, ema_name, key_table, sd1_state, write_lightning,
                           write_safetensors, write_torch)
-from tools.inspect_checkpoint import main as inspect_main
-from weights_map import CheckpointError, detect_family, read_sd1_checkpoint, read_vae_file
+from sd15.cli.inspect import main as inspect_main
+from sd15.files import CheckpointError, detect_family, read_sd1_checkpoint, read_vae_file
 
 FORMATS = ["safetensors", "torch-zip", "torch-legacy"]
 
@@ -296,7 +296,7 @@ def test_inspector_names_refused_families(tmp_path, capsys):
 def test_inspector_one_line_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello\n")
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "tools.inspect_checkpoint", str(tmp_path / "notes.txt")],
+    r = subprocess.run([sys.executable, "-m", "sd15.inspect", str(tmp_path / "notes.txt")],
                        cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "text file" in r.stderr

@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
-import sd15.generate as generate
-from sd15.png import read_parameters
-from sd15.samplers import SAMPLERS
+import sd15.cli.generate as generate
+from sd15.pipeline.png import read_parameters
+from sd15.sampling import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
            "--eta", "--seed", "--width", "--height", "--batch-size", "--init-image", "--strength", "--out",
-           "--device", "--dtype", "--compile", "--quiet"]
+           "--device", "--dtype", "--compile", "--quiet", "--from-png"]
 
 
 @pytest.fixture(scope="module")
@@ -321,11 +321,13 @@ def test_compile_failure_is_a_clean_error(ckpt, tmp_path):
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
-# Fills a fresh 256 MiB tensor, then prints THP_MEM_ALLOC_ENABLE, sd15.huge_pages and the AnonHugePages (kB) of the
-# mapping that holds the tensor, from /proc/self/smaps.
+# Asks for huge pages as the CLI does (or only imports sd15), fills a fresh 256 MiB tensor, then prints
+# THP_MEM_ALLOC_ENABLE, the call's answer and the AnonHugePages (kB) of the tensor's mapping in /proc/self/smaps.
 HUGE_PAGES_PROBE = """
-import os
-import sd15, torch
+import os, sys
+import sd15, sd15.process
+flag = sd15.process.use_huge_pages() if sys.argv[1] == "ask" else "not-asked"
+import torch
 t = torch.empty(256 << 20, dtype=torch.uint8)
 t.fill_(1)
 ptr, inside = t.data_ptr(), False
@@ -335,7 +337,7 @@ for line in open("/proc/self/smaps"):
         lo, hi = (int(v, 16) for v in head.split("-"))
         inside = lo <= ptr < hi
     elif inside and head == "AnonHugePages:":
-        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), sd15.huge_pages, line.split()[1])
+        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), flag, line.split()[1])
         break
 """
 
@@ -346,9 +348,9 @@ def thp_mode() -> str | None:
     return match.group(1) if match else None
 
 
-def huge_pages_probe(**env) -> tuple[str, str, int]:
+def huge_pages_probe(mode="ask", **env) -> tuple[str, str, int]:
     base = {k: v for k, v in cli_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
-    result = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=base | env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE, mode], env=base | env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     setting, flag, kb = result.stdout.split()
@@ -356,7 +358,7 @@ def huge_pages_probe(**env) -> tuple[str, str, int]:
 
 
 @pytest.mark.skipif(thp_mode() in (None, "never"), reason=f"transparent huge pages are off or absent ({THP_MODE})")
-def test_import_sd15_backs_large_tensors_with_huge_pages():
+def test_use_huge_pages_backs_large_tensors_with_huge_pages():
     setting, flag, kb = huge_pages_probe()
     assert (setting, flag) == ("None", "True")        # read by torch, then removed: the user's child processes do not inherit it
     assert kb >= 128 << 10          # measured 254 of the 256 MiB; half leaves room for a fragmented host
@@ -366,3 +368,13 @@ def test_import_sd15_backs_large_tensors_with_huge_pages():
                     reason="only in THP's madvise mode does memory torch does not madvise stay in 4 KiB pages")
 def test_thp_mem_alloc_enable_0_is_respected():
     assert huge_pages_probe(THP_MEM_ALLOC_ENABLE="0") == ("0", "False", 0)
+
+
+@pytest.mark.skipif(thp_mode() != "madvise",
+                    reason="only in THP's madvise mode does memory torch does not madvise stay in 4 KiB pages")
+def test_import_sd15_changes_nothing_in_the_process():
+    """`import sd15` alone neither imports torch nor changes its allocator (the user's process is theirs)."""
+    assert huge_pages_probe("import-only") == ("None", "not-asked", 0)
+    result = subprocess.run([sys.executable, "-c", "import sys, sd15; print('torch' in sys.modules)"],
+                            env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_writers import lightning_checkpoint, sd1_state, fake_modules, ModelCheckpoint
-from weights_map import CheckpointError, read_sd1_checkpoint, read_vae_file
+from sd15.files import CheckpointError, read_sd1_checkpoint, read_vae_file
 
 # CI: a fixed, quick sample (~10 s on 2 cores). SD15_FUZZ_EXAMPLES=5000 runs a longer random campaign.
 _CAMPAIGN = int(os.environ.get("SD15_FUZZ_EXAMPLES", "0"))

@@ -1,11 +1,11 @@
-"""Classifier-free guidance wrapper: the formula, one batched UNet call, the scale-1 shortcut, and the
-guided sampler against StableDiffusionPipeline's own CFG loop around a diffusers scheduler."""
+"""Classifier-free guidance wrapper: the formula, one batched UNet call, the scale-1 shortcut, separate
+calls for prompt and negative states of different lengths, and the guided sampler against
+StableDiffusionPipeline's own CFG loop around a diffusers scheduler."""
 import pytest
 import torch
 
 import sd15
-from sd15.guidance import cfg_eps_model
-from sd15.samplers import denoise, make_plan, resolve_sampler
+from sd15.sampling import GeneratorNoise, ModelCall, denoise, guided, make_plan, resolve_sampler
 from test_samplers import SHAPE, TOL, reference_scheduler, rel_err
 
 B = SHAPE[0]
@@ -25,25 +25,29 @@ class ToyUNet:
         return 0.1 * x * (1 + c) + torch.sin(t / 100)[:, None, None, None] + c
 
 
+def at(t: float) -> ModelCall:
+    return ModelCall(sigma=1.0, t=t, step=0, steps=1)
+
+
 def contexts(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, 77, 768, generator=g), torch.randn(B, 77, 768, generator=g)  # cond, uncond
 
 
-@pytest.mark.parametrize("t", [981.0, torch.tensor(981.0), torch.tensor([981.0] * B), torch.tensor(981)])
+@pytest.mark.parametrize("t", [981.0, 500.5])
 @pytest.mark.parametrize("scale", [7.5, 0.0, 3.0])
 def test_formula_one_batched_call(scale, t):
     cond, uncond = contexts()
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     unet = ToyUNet()
-    eps = cfg_eps_model(unet, cond, uncond, scale)(x, t)
+    eps = guided(unet, cond, uncond, scale)(x, at(t))
     assert len(unet.calls) == 1
     batch, t_seen, context = unet.calls[0]
-    assert batch == 2 * B and torch.equal(t_seen, torch.full((2 * B,), 981.0))
+    assert batch == 2 * B and torch.equal(t_seen, torch.full((2 * B,), t))     # the call's t, one per row
     assert torch.equal(context[:B], uncond) and torch.equal(context[B:], cond)  # uncond first
 
     reference = ToyUNet()
-    tt = torch.full((B,), 981.0)
+    tt = torch.full((B,), t)
     eps_uncond, eps_cond = reference(x, tt, uncond), reference(x, tt, cond)
     assert torch.allclose(eps, eps_uncond + scale * (eps_cond - eps_uncond), rtol=1e-6, atol=1e-6)
 
@@ -52,19 +56,45 @@ def test_scale_one_is_one_conditional_call():
     cond, uncond = contexts()
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     unet = ToyUNet()
-    eps = cfg_eps_model(unet, cond, uncond, 1.0)(x, 500.0)
+    eps = guided(unet, cond, uncond, 1.0)(x, at(500.0))
     assert [(b, ctx is cond) for b, _, ctx in unet.calls] == [(B, True)]
     assert torch.equal(eps, ToyUNet()(x, torch.full((B,), 500.0), cond))
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_prompt_and_negative_of_different_lengths(tiny_models):
+    """A 154-token prompt against a 77-token negative: two UNet calls (A1111's default), equal to the
+    batched call with the negative repeated whole to 154 tokens (attention over keys and values repeated
+    k times is the same attention: exact in real arithmetic, so equal here up to float rounding)."""
+    unet = tiny_models[1].unet
+    g = torch.Generator().manual_seed(4)
+    width = unet.cfg.context_dim
+    cond, uncond = torch.randn(B, 154, width, generator=g), torch.randn(B, 77, width, generator=g)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda _, args: calls.append(args[2].shape[1]))
+    try:
+        with torch.inference_mode():
+            eps = guided(unet, cond, uncond, 7.5)(x, at(600.0))
+            repeated = guided(unet, cond, uncond.repeat(1, 2, 1), 7.5)(x, at(600.0))
+            zero_padded = guided(unet, cond, torch.cat([uncond, torch.zeros_like(uncond)], 1), 7.5)(x, at(600.0))
+            by_hand = [unet(x, 600.0, c) for c in (uncond, cond)]
+    finally:
+        hook.remove()
+    assert calls[:2] == [154, 77] and calls[2] == 154                 # two calls, then one batched
+    assert torch.equal(eps, by_hand[0] + 7.5 * (by_hand[1] - by_hand[0]))
+    assert rel_err(eps, repeated) < 1e-5
+    assert rel_err(eps, zero_padded) > 1e-3                           # padding differently is not the same
+
+
 @pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "ddim"])
 def test_guided_sampling_matches_pipeline_loop(name):
-    """Our sampler over cfg_eps_model == StableDiffusionPipeline's loop (CFG done in the loop)."""
+    """Our sampler over the guided model == StableDiffusionPipeline's loop (CFG done in the loop)."""
     cond, uncond = contexts(2)
     unet, scale, steps = ToyUNet(), 7.5, 12
     g = torch.Generator().manual_seed(0)
-    ours = denoise(make_plan(resolve_sampler(name), steps), cfg_eps_model(unet, cond, uncond, scale),
-                   torch.randn(SHAPE, generator=g), generator=g)
+    ours = denoise(make_plan(resolve_sampler(name), steps), guided(unet, cond, uncond, scale),
+                   torch.randn(SHAPE, generator=g), source=GeneratorNoise(g))
 
     g = torch.Generator().manual_seed(0)
     sched = reference_scheduler(name)
@@ -100,7 +130,7 @@ def test_bf16_unet_under_float32_sampler(bf16_unet, scale):
     hook = bf16_unet.register_forward_pre_hook(lambda _, args: seen.append([a.dtype for a in args]))
     try:
         with torch.inference_mode():
-            eps = cfg_eps_model(bf16_unet, cond, uncond, scale)(x, 981.0)
+            eps = guided(bf16_unet, cond, uncond, scale)(x, at(981.0))
     finally:
         hook.remove()
     assert seen == [[torch.bfloat16, torch.float32, torch.bfloat16]]     # x, t, context: one call

@@ -14,7 +14,7 @@ import torch
 from ckpt_writers import (UNET, legacy_parts, lightning_checkpoint, op_global, op_int, op_str, op_tuple, payloads,
                           raw_global_call, sd1_state, tensor_pickle, torch_zip_bytes_members, torch_zip_members,
                           write_safetensors, write_torch, zip_with, fake_modules, ModelCheckpoint)
-from weights_map import CheckpointError, read_checkpoint_file, read_sd1_checkpoint, read_vae_file
+from sd15.files import CheckpointError, read_checkpoint_file, read_sd1_checkpoint, read_vae_file
 
 PAYLOADS = ["os.system", "builtins.exec", "builtins.eval", "subprocess.Popen", "getattr-chain"]
 # protocol 2 spells builtins '__builtin__', protocol 4 'builtins'

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd15.images import (ImageError, init_image_tensor, open_image, pil_to_tensor, snap_to_multiple_of_8,
+from sd15.pipeline.images import (ImageError, init_image_tensor, open_image, pil_to_tensor, snap_to_multiple_of_8,
                          tensor_to_pil, to_rgb)
 
 

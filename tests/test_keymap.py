@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
-from sd15.text_encoder import TextEncoder
-from sd15.unet import UNet
-from sd15.vae import VAE
-from tools.make_checkpoint import PREFIX, read_key_table
-from weights_map.errors import CheckpointError
-from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
-from weights_map.remap import remap
+from sd15.models.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.models.text_encoder import TextEncoder
+from sd15.models.unet import UNet
+from sd15.models.vae import VAE
+from sd15.models.demo import PREFIX
+from tools.make_checkpoint import read_key_table
+from sd15.files.errors import CheckpointError
+from sd15.models.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from sd15.files.remap import remap
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS = {"unet": 686, "vae": 248, "text_encoder": 196}     # DESIGN.md §3
+COUNTS = {"unet": 686, "vae": 248, "text_encoder": 196}     # docs/architecture.md, "Numerics"
 COMPONENTS = {
     "unet": (UNet, UNetConfig(), unet_key_map, None),
     "vae": (VAE, VAEConfig(), vae_key_map, vae_transforms),

@@ -1,4 +1,4 @@
-"""`sd15.load` on real files: every layout and quirk of DESIGN §4 gives the same models as the canonical file.
+"""`sd15.load` on real files: every layout and quirk of docs/architecture.md, "Checkpoints in the wild" gives the same models as the canonical file.
 
 The reference is the canonical tiny checkpoint (fp32 .safetensors written by tools.make_checkpoint, tiny
 configs in its metadata) loaded through `sd15.load`. Every variant is written to disk, loaded through
@@ -10,21 +10,22 @@ with a reference built the same way from exactly those values.
 
 import copy
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import sd15
 from ckpt_writers import SCHEDULE, ema_name, write_lightning, write_safetensors, write_torch
 from reference import TINY, engine_models, rel_err
-from sd15.unet import UNet
-from tools.make_checkpoint import PREFIX, TINY_TEXT, random_state_dict, tiny_metadata
+from sd15.models.unet import UNet
+from sd15.models.demo import PREFIX, TINY_TEXT, random_state_dict, tiny_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = TINY   # for torch files, which carry no config metadata
@@ -518,16 +519,37 @@ def test_missing_tensor_is_named(tmp_path, canonical, key):
 
 
 def test_tiny_ckpt_without_configs_is_a_checkpoint_error(tmp_path, canonical):
-    """A .ckpt has no metadata, so SD1.5 sizes are expected: the tiny file does not fit, by name, no crash."""
+    """A .ckpt has no metadata: sizes come from the tensors, head and group counts are SD1.5's. The tiny
+    VAE's 16-wide first level cannot hold 32 GroupNorm groups: a CheckpointError that says so, no crash."""
     sd, _path, _ref, _out = canonical
     path = write_torch(tmp_path / "tiny.ckpt", sd)
     with pytest.raises(sd15.CheckpointError) as err:
         load(path)
     msg = str(err.value)
-    # The text encoder is built first; the tiny one has 2 layers of 12 and width 32, not 768.
-    assert msg.startswith(f"{path}: text encoder:") and ("missing" in msg or "wrong shape" in msg), msg
-    # Today: "160 tensor(s) missing from the checkpoint: text_model.encoder.layers.10...." (SD1.5 has 12 layers).
-    assert "text_model.encoder.layers." in msg or "(expected (49408, 768))" in msg, msg
+    assert msg.startswith(f"{path}: VAE: its tensors give widths 16, 32, 32, 32, which 32 GroupNorm groups do "
+                          "not divide"), msg
+    assert "configs=" in msg, msg
+    assert load(path, configs=TINY).unet.cfg == TINY.unet      # with its configs it loads
+
+
+def test_configs_come_from_the_shapes(tmp_path, canonical):
+    """The real SD1.5 key table gives SD1.5's configs; the tiny file's shapes give the tiny configs even
+    where its metadata is stripped down to the two facts shapes cannot tell (heads, groups)."""
+    from sd15.models.loading import text_config_from_shapes, unet_config_from_shapes, vae_config_from_shapes
+    from tools.make_checkpoint import read_key_table
+    table = read_key_table()
+    parts = {name: {k[len(p):]: s for k, s in table.items() if k.startswith(p)} for name, p in PREFIX.items()}
+    assert unet_config_from_shapes(parts["unet"]) == sd15.UNetConfig()
+    assert vae_config_from_shapes(parts["vae"]) == sd15.VAEConfig()
+    assert text_config_from_shapes(parts["text_encoder"]) == sd15.TextEncoderConfig()
+    sd, _path, _ref, _out = canonical
+    minimal = {"sd15.unet_config": json.dumps({"num_heads": TINY.unet.num_heads, "norm_groups": TINY.unet.norm_groups}),
+               "sd15.vae_config": json.dumps({"norm_groups": TINY.vae.norm_groups}),
+               "sd15.text_encoder_config": json.dumps({"num_heads": TINY.text_encoder.num_heads})}
+    path = tmp_path / "minimal.safetensors"
+    save_file(dict(sd), str(path), metadata=minimal)
+    pipe = load(path)
+    assert (pipe.unet.cfg, pipe.vae.cfg, pipe.text_encoder.cfg) == (TINY.unet, TINY.vae, TINY.text_encoder)
 
 
 # ---- the tools.make_checkpoint CLI ----------------------------------------------------------------------

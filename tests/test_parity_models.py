@@ -1,7 +1,7 @@
 """Parity of the engine's text encoder, UNet and VAE with diffusers/transformers on the same tensors.
 
-Both sides load one original-layout state dict: ours through `weights_map` (key map + remap), the
-reference through diffusers' own LDM converters (see `tests/reference.py`, DESIGN.md §5).
+Both sides load one original-layout state dict: ours through `sd15.files` (key map + remap), the
+reference through diffusers' own LDM converters (see `tests/reference.py`, docs/architecture.md, "Parity").
 
 Metric: relative error = max|ours - ref| / max|ref| over the whole output tensor, in float32.
 Bound: 1e-4 for every component, on the tiny configs and once at full SD1.5 size (random weights from
@@ -186,7 +186,7 @@ def test_full_size_vae(full):
 
 @torch.no_grad()
 def test_checkpoint_position_ids_are_ignored(tiny_models, tiny_state_dict):
-    """Merged checkpoints carry a float `position_ids` (DESIGN.md §3): both sides load and ignore it."""
+    """Merged checkpoints carry a float `position_ids` (docs/architecture.md, "Numerics"): both sides load and ignore it."""
     sd = dict(tiny_state_dict)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None] * 0.99
     ids = token_ids([PROMPT_IDS])

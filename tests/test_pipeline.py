@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 import sd15
-from sd15.images import ImageError
-from sd15.samplers import SAMPLERS
-from tools.make_checkpoint import save, tiny_metadata
+from reference import rel_err
+from sd15.models.demo import tiny_metadata
+from sd15.pipeline import vae_io
+from sd15.pipeline.images import ImageError
+from sd15.sampling import SAMPLERS
+from tools.make_checkpoint import save
 
 SMALL = dict(steps=3, width=32, height=32, sampler="euler")   # the cheapest real run
 
@@ -267,12 +270,12 @@ def test_fp16_vae_nan_is_retried_in_float32(overflowing_fp16_pipe, caplog):
     pipe = overflowing_fp16_pipe
     z = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        assert not torch.isfinite(pipe._decode_raw((z / 0.18215).half())).all()   # the failure is real
+        assert not torch.isfinite(vae_io.decode_raw(pipe.vae, (z / 0.18215).half())).all()   # the failure is real
         with caplog.at_level(logging.WARNING, logger="sd15"):
             images = pipe.decode(z)
     assert torch.isfinite(images).all()
     assert any(re.search("NaN.*float16.*float32", r.getMessage()) for r in caplog.records if r.name == "sd15")
-    assert next(pipe.vae.parameters()).dtype == torch.float16                    # put back afterwards
+    assert next(pipe.vae.parameters()).dtype == torch.float16                    # the shared VAE is untouched
 
 
 def test_fp16_pipeline_end_to_end(overflowing_fp16_pipe, ckpt, caplog):
@@ -287,10 +290,6 @@ def test_fp16_pipeline_end_to_end(overflowing_fp16_pipe, ckpt, caplog):
 
 
 # ---- fp16 / bf16 models drive a float32 sampler -------------------------------------------------
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
 
 def run_recording(pipe, seed, **kwargs):
     """(latents after each step, uint8 pixels)."""

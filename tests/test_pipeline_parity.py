@@ -1,4 +1,4 @@
-"""End-to-end parity: `sd15.Pipeline` against diffusers' StableDiffusion(Img2Img)Pipeline (DESIGN.md §5).
+"""End-to-end parity: `sd15.Pipeline` against diffusers' StableDiffusion(Img2Img)Pipeline (docs/architecture.md, "Parity").
 
 Our side is what users run: `sd15.load(file)` on a tiny random-weight .safetensors written to disk by
 tools.make_checkpoint, then `txt2img` / `img2img` with a seed. The reference side is diffusers'
@@ -37,8 +37,8 @@ from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
 from reference import FULL, SCHEDULERS, engine_models, reference_models, reference_scheduler, rel_err
-from sd15.latents import LATENT_SCALE
-from tokenizer import CLIPTokenizer
+from sd15.models.latents import LATENT_SCALE
+from sd15.conditioning.tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict
 from tools.make_tokenizer_golden import derive_vocab_and_merges
 
@@ -286,7 +286,7 @@ def test_fp16_txt2img_follows_diffusers_fp16(tiny_ckpt_file, reference_fp16, sam
 def test_full_size_txt2img(tokenizer):
     """Full SD1.5 size (1.07 B random parameters, fp32), DPM++ 2M Karras, 2 steps, 64x64.
 
-    Both sides share one in-memory state dict (4.3 GB once): ours through `weights_map` into engine
+    Both sides share one in-memory state dict (4.3 GB once): ours through `sd15.files` into engine
     models (reference.engine_models, what sd15.load does after reading), the reference through
     diffusers' converters. No file: writing and re-reading 2-4 GB costs ~40 s on the test CPU, and the
     file path is covered by every tiny case above and by the loader's own tests.

@@ -1,4 +1,5 @@
-"""`sd15.png`: the A1111 `parameters` text (DESIGN.md §6) and atomic, never-clobbering PNG writes."""
+"""The A1111 `parameters` text as written (`sd15.pipeline.infotext`; docs/architecture.md, "Outputs"), and
+`sd15.pipeline.png`'s atomic, never-clobbering PNG writes. Reading infotexts back: test_infotext.py."""
 
 import json
 import os
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd15.png import a1111_parameters, read_parameters, save_png
+from sd15.pipeline.infotext import format_infotext as a1111_parameters
+from sd15.pipeline.png import read_parameters, save_png
 
 SETTINGS = {"Steps": 30, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.5, "Seed": 42,
             "Size": "512x512", "Model hash": "6ce0161689", "Model": "v1-5-pruned-emaonly"}
@@ -19,7 +21,7 @@ def image():
     return Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3))
 
 
-# ---- a1111_parameters ----------------------------------------------------------------------------
+# ---- format_infotext ----------------------------------------------------------------------------
 
 def test_design_example():
     text = a1111_parameters("a lighthouse at dusk", "blurry", SETTINGS)
@@ -67,6 +69,18 @@ def test_round_trip(tmp_path):
     with Image.open(path) as back:
         assert back.format == "PNG" and np.array_equal(np.asarray(back), np.asarray(image()))
     assert leftovers(tmp_path) == []
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    """0666 less the umask, like any other tool's output: a web server or another user can read it."""
+    old = os.umask(0o022)
+    try:
+        path = save_png(image(), tmp_path / "mode.png", "x")
+        os.umask(0o027)
+        strict = save_png(image(), tmp_path / "strict.png", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and strict.stat().st_mode & 0o777 == 0o640
 
 
 def test_no_parameters(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ckpt_writers import torch_zip_members, write_safetensors, write_torch, zip_with
-from weights_map import CheckpointError, read_checkpoint_file, sha256_short, sniff_format
-from weights_map.readers import read_safetensors
+from sd15.files import CheckpointError, read_checkpoint_file, sha256_short, sniff_format
+from sd15.files.readers import read_safetensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,4 +1,4 @@
-"""Samplers against diffusers' schedulers under the SD1.5 config (DESIGN.md §5).
+"""Samplers against diffusers' schedulers under the SD1.5 config (docs/architecture.md, "Parity").
 
 The reference schedulers are built the way users build them: DDIMScheduler with SD1.5's
 scheduler_config values, then `XScheduler.from_config(ddim.config)` for the others (that gives
@@ -15,9 +15,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from reference import SCHEDULERS, SD15_SCHEDULER, reference_scheduler
-from sd15.samplers import SAMPLERS, denoise, make_plan, resolve_sampler, sample
-from sd15.schedule import ScheduleConfig, alphas_cumprod
+from reference import SCHEDULERS, SD15_SCHEDULER, reference_scheduler, rel_err
+from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, denoise, make_plan, resolve_sampler, sample
+from sd15.sampling.denoiser import Denoiser
+from sd15.sampling.schedule import ScheduleConfig, alphas_cumprod
 
 TOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
@@ -27,10 +28,6 @@ SD15 = SD15_SCHEDULER
 VP = ("ddim", "ddpm")  # schedulers without a sigmas table of their own
 
 
-def rel_err(ours, ref):
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 def toy_eps(x, t):
     """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
     t = torch.as_tensor(t, dtype=torch.float32)
@@ -38,10 +35,17 @@ def toy_eps(x, t):
 
 
 def recording(model, log):
+    """A (x, t) model as both sides call it: ours with a ModelCall, the reference loop with t."""
     def eps_model(x, t):
+        t = t.t if isinstance(t, ModelCall) else t
         log.append((x.clone(), float(t)))
         return model(x, t)
     return eps_model
+
+
+def ours(model):
+    """A toy (x, t) model with our sampler's model signature (x_in, call)."""
+    return lambda x, call: model(x, call.t)
 
 
 def reference_sigmas(name, sched):
@@ -85,12 +89,16 @@ def run_both(name, steps, strength=None, eta=0.0, seed=0):
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(SHAPE, generator=g)
         if log is ours_log:
-            plan = make_plan(resolve_sampler(name), steps, strength=strength or 1.0, eta=eta)
-            xs = list(sample(plan, recording(toy_eps, log), noise, x0=x0, generator=g))
+            plan = make_plan(resolve_sampler(name), steps, strength=strength or 1.0, options=eta_option(eta))
+            xs = list(sample(plan, recording(toy_eps, log), noise, x0=x0, source=GeneratorNoise(g)))
         else:
             xs = reference_loop(name, steps, recording(toy_eps, log), noise, g, x0, strength or 1.0, eta)
         results.append((xs, torch.randn(1, generator=g)))  # the generator's next draw: same consumption
     return results, ours_log, ref_log
+
+
+def eta_option(eta):
+    return {"eta": eta} if eta else {}
 
 
 def check(results, ours_log, ref_log, tol=TOL):
@@ -172,7 +180,8 @@ def test_one_step(name, steps, start):
     g = torch.Generator().manual_seed(start)
     x, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     plan = make_plan(resolve_sampler(name), steps, strength=(steps - start) / steps)
-    ours = next(plan.sampler.fn(lambda x_in, t: eps, x, plan, torch.Generator().manual_seed(1)))
+    noise = GeneratorNoise(torch.Generator().manual_seed(1))
+    ours = next(plan.sampler.fn(Denoiser(lambda x_in, call: eps, plan), x, plan, noise, **plan.options))
     sched = reference_scheduler(name)
     sched.set_timesteps(steps)
     if hasattr(sched, "set_begin_index"):
@@ -205,7 +214,7 @@ def test_img2img_loop(name, eta, strength, steps):
 def test_denoise_is_last_step():
     plan = make_plan(resolve_sampler("dpmpp_2m_karras"), 8)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(denoise(plan, toy_eps, noise), list(sample(plan, toy_eps, noise))[-1])
+    assert torch.equal(denoise(plan, ours(toy_eps), noise), list(sample(plan, ours(toy_eps), noise))[-1])
 
 
 # ---- half-precision models: float32 state, per-step noise drawn in the model's dtype ----
@@ -221,8 +230,8 @@ def test_euler_a_draws_step_noise_in_noise_dtype(dtype):
     """With ε = 0 from x = 0, an Euler a step adds exactly σ_up·(its draw): compare draws bit for bit."""
     from diffusers.utils.torch_utils import randn_tensor          # what diffusers' schedulers call
     plan = make_plan(resolve_sampler("euler_a"), 3)
-    xs = list(sample(plan, lambda x, t: torch.zeros_like(x), torch.zeros(HALF_SHAPE),
-                     generator=torch.Generator().manual_seed(0), noise_dtype=dtype))
+    xs = list(sample(plan, lambda x, call: torch.zeros_like(x), torch.zeros(HALF_SHAPE),
+                     source=GeneratorNoise(torch.Generator().manual_seed(0), dtype)))
 
     half_g, float_g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     expected, sigmas = torch.zeros(HALF_SHAPE), plan.sigmas.tolist()
@@ -244,19 +253,19 @@ def test_float32_state_with_fp16_noise_follows_diffusers_fp16_loop(name, eta):
     are fp16 between steps; it draws noise in fp16). Measured rel err <= 1.9e-3 with noise_dtype=float16,
     >= 0.093 when the noise is drawn in float32 (the draw differs in 16 values of each step's 84,500)."""
     half_eps = lambda x, t: toy_eps(x.half(), t).half()               # noqa: E731
-    plan = make_plan(resolve_sampler(name), 3, eta=eta)
+    plan = make_plan(resolve_sampler(name), 3, options=eta_option(eta))
     results = {}
-    for noise_dtype in (torch.float16, None):
+    for noise_dtype in (torch.float16, torch.float32):
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(HALF_SHAPE, generator=g, dtype=torch.float16).float()
-        results[noise_dtype] = list(sample(plan, lambda x, t: half_eps(x, t).float(), noise, generator=g,
-                                           noise_dtype=noise_dtype))
+        results[noise_dtype] = list(sample(plan, lambda x, call: half_eps(x, call.t).float(), noise,
+                                           source=GeneratorNoise(g, noise_dtype)))
     g = torch.Generator().manual_seed(0)
     ref = reference_loop(name, 3, half_eps, torch.randn(HALF_SHAPE, generator=g, dtype=torch.float16), g, eta=eta)
     assert ref[-1].dtype == torch.float16
-    for ours, wrong_draws, expected in zip(results[torch.float16], results[None], ref):
-        assert ours.dtype == torch.float32
-        assert rel_err(ours, expected) <= 5e-3
+    for got, wrong_draws, expected in zip(results[torch.float16], results[torch.float32], ref):
+        assert got.dtype == torch.float32
+        assert rel_err(got, expected) <= 5e-3
         assert rel_err(wrong_draws, expected) > 0.05
 
 
@@ -290,7 +299,7 @@ def test_unknown_sampler_lists_valid_names(bad):
         assert name in str(err.value)
 
 
-@pytest.mark.parametrize("steps", [0, -1, 1001, 2.0])
+@pytest.mark.parametrize("steps", [0, -1, 1001, 2.0, True])
 def test_bad_steps(steps):
     with pytest.raises(ValueError, match="steps"):
         make_plan(resolve_sampler("euler"), steps)
@@ -303,8 +312,25 @@ def test_bad_strength_and_eta():
             make_plan(spec, 10, strength=strength)
     with pytest.raises(ValueError, match="no step to run"):
         make_plan(spec, 3, strength=0.3)  # int(0.9) == 0 steps kept
-    for sampler, eta in (("euler_a", 0.5), ("ddim", -0.1), ("ddim", 1.5)):
+    for sampler, eta in (("euler_a", 0.5), ("ddim", -0.1), ("ddim", 1.5), ("ddim", float("nan"))):
         with pytest.raises(ValueError, match="eta"):
-            make_plan(resolve_sampler(sampler), 10, eta=eta)
+            make_plan(resolve_sampler(sampler), 10, options={"eta": eta})
+    with pytest.raises(ValueError, match="has no option eta"):
+        make_plan(resolve_sampler("euler_a"), 10, options={"eta": 0.0})   # not declared, even at 0
     with pytest.raises(ValueError, match="init image"):
-        sample(make_plan(spec, 10, strength=0.5), toy_eps, torch.zeros(SHAPE))
+        sample(make_plan(spec, 10, strength=0.5), ours(toy_eps), torch.zeros(SHAPE))
+
+
+def test_options_are_declared_per_sampler():
+    """Options come from the table: DDIM declares eta (default 0), the others none; defaults fill in."""
+    assert {name: [o.name for o in s.options] for name, s in SAMPLERS.items()} == {
+        "ddim": ["eta"], "ddpm": [], "euler": [], "euler_karras": [], "euler_a": [], "dpmpp_2m": [],
+        "dpmpp_2m_karras": []}
+    assert dict(make_plan(resolve_sampler("ddim"), 10).options) == {"eta": 0.0}
+    assert dict(make_plan(resolve_sampler("ddim"), 10, options={"eta": 1}).options) == {"eta": 1.0}
+
+
+def test_stochastic_sampler_without_a_noise_source_says_so():
+    plan = make_plan(resolve_sampler("euler_a"), 4)
+    with pytest.raises(ValueError, match="noise source"):
+        list(sample(plan, ours(toy_eps), torch.zeros(SHAPE)))

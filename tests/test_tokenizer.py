@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer import CLIPTokenizer
-from tokenizer.clip_tokenizer import MERGES_FILE, NUM_MERGES
+from sd15.conditioning.tokenizer import CLIPTokenizer
+from sd15.conditioning.tokenizer.clip_tokenizer import MERGES_FILE, NUM_MERGES
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_golden.json").read_text(encoding="utf-8"))
 CASES = GOLDEN["cases"]

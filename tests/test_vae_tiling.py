@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd15 import vae_tiling as vt
-from sd15.vae import VAE
-from tools.make_checkpoint import TINY_VAE, random_tensor
+from sd15.models import vae_tiling as vt
+from sd15.models.vae import VAE
+from sd15.models.demo import TINY_VAE, random_tensor
 
 MAX_DECODE_MEAN, MAX_DECODE_MAX = 0.016, 0.15
 MAX_ENCODE_MEAN, MAX_ENCODE_MAX = 0.02, 0.15

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-# sd15 before torch, as in the CLI: it turns on THP_MEM_ALLOC_ENABLE, which torch reads once.
+# Huge pages before torch is imported, as the CLI does (torch reads THP_MEM_ALLOC_ENABLE once).
 LOAD_SNIPPET = r"""
 import sys, time
+import sd15.process
+sd15.process.use_huge_pages()
 import sd15
 import torch
 def vm(key):

@@ -7,7 +7,7 @@ import argparse
 import random
 import time
 
-from tokenizer import CLIPTokenizer
+from sd15.conditioning.tokenizer import CLIPTokenizer
 
 SUBJECTS = ["a cat", "an old man", "a castle on a hill", "a dragon", "a girl with red hair", "a robot",
             "a lighthouse", "an enchanted forest", "a bowl of ramen", "a samurai", "a spaceship", "a cozy cabin",

@@ -35,15 +35,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import sd15  # before torch: sd15 turns on THP_MEM_ALLOC_ENABLE, which torch reads once (as in the CLI)
-import torch
+import sd15.process
 
-from sd15.guidance import batch_timesteps
-from sd15.loader import Configs, configs_from_metadata
-from tools import bench_load, bench_report
-from tools.make_checkpoint import random_full_state_dict, save
-from weights_map.checkpoint import state_from_raw
-from weights_map.readers import read_checkpoint_file
+HUGE_PAGES = sd15.process.use_huge_pages()   # our process: before torch is imported, as the CLI does
+
+import sd15  # noqa: E402
+import torch  # noqa: E402
+
+from sd15.files.checkpoint import state_from_raw  # noqa: E402
+from sd15.files.readers import read_checkpoint_file  # noqa: E402
+from sd15.models.loading import Configs, configs_from_metadata  # noqa: E402
+from sd15.models.unet import batch_timesteps  # noqa: E402
+from tools import bench_load, bench_report  # noqa: E402
+from tools.make_checkpoint import random_full_state_dict, save  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SECTIONS = ("load", "unet", "decode", "encode", "text", "txt2img", "flops")
@@ -141,9 +145,9 @@ def counted_flops(fn) -> int:
 
 def meta_flops(configs: Configs, size: int) -> dict:
     """Counted on meta-device models at the benchmark's shapes: no weights, no compute, same ops."""
-    from sd15.text_encoder import TextEncoder
-    from sd15.unet import UNet
-    from sd15.vae import VAE
+    from sd15.models.text_encoder import TextEncoder
+    from sd15.models.unet import UNet
+    from sd15.models.vae import VAE
     u, v, c = configs.unet, configs.vae, configs.text_encoder
     side = size // v.downscale
     with torch.device("meta"):
@@ -254,8 +258,8 @@ def machine() -> dict:
         if os.path.exists("/proc/meminfo") else 0
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=mem, torch=torch.__version__, threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                # what torch read at import (sd15 sets it when imported first; see sd15/__init__.py)
-                thp_mem_alloc=sd15.huge_pages)
+                # what torch read at import (see sd15.process.use_huge_pages)
+                thp_mem_alloc=HUGE_PAGES)
 
 
 def prepare_files(args, tmp: Path) -> tuple[Path, list[tuple[Path, str]]]:

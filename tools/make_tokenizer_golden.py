@@ -1,8 +1,8 @@
 """Write tests/fixtures/tokenizer_golden.json: CLIP token ids made by the reference tokenizer.
 
-The reference (DESIGN.md §3) is transformers 4.x's *Python* `CLIPTokenizer` with ftfy installed, the
+The reference (docs/architecture.md, "Numerics") is transformers 4.x's *Python* `CLIPTokenizer` with ftfy installed, the
 tokenizer SD 1.x was trained with. The hub is out of reach, so its vocab.json and merges.txt are
-derived here from the bundled tokenizer/bpe_simple_vocab_16e6.txt.gz, independently of our tokenizer
+derived here from the bundled sd15/conditioning/tokenizer/bpe_simple_vocab_16e6.txt.gz, independently of our tokenizer
 package. Each prompt maps to `tokenizer(prompt)["input_ids"]`: BOS, ids, EOS, not truncated, not padded.
 
 Run from the repository root, in a venv of its own (no torch needed):
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MERGES_GZ = ROOT / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+MERGES_GZ = ROOT / "sd15" / "conditioning" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
 OUT = ROOT / "tests" / "fixtures" / "tokenizer_golden.json"
 NUM_MERGES = 49152 - 256 - 2  # transformers reads merges lines [1 : 49152 - 256 - 2 + 1]
 

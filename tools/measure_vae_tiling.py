@@ -30,8 +30,8 @@ def current_rss_bytes() -> int:
 
 
 def full_vae():
-    from sd15.vae import VAE
-    from tools.make_checkpoint import random_tensor
+    from sd15.models.vae import VAE
+    from sd15.models.demo import random_tensor
 
     vae = VAE().eval()
     gen = torch.Generator().manual_seed(0)
@@ -50,7 +50,7 @@ def image_like_latents(size: int, seed: int = 0) -> torch.Tensor:
 
 
 def child(size: int, mode: str, refine: int, compare: bool) -> None:
-    from sd15.vae_tiling import decode_tiled
+    from sd15.models.vae_tiling import decode_tiled
 
     torch.set_grad_enabled(False)
     vae, z = full_vae(), image_like_latents(size)

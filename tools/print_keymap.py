@@ -4,14 +4,14 @@
     python -m tools.print_keymap unet            # or vae, text_encoder
 
 Original names are full checkpoint keys (with the component's prefix); engine names are the component
-module's `state_dict` names. A `[transform]` suffix names the layout change `weights_map.transforms` applies.
+module's `state_dict` names. A `[transform]` suffix names the layout change `sd15.files.transforms` applies.
 """
 
 import argparse
 
-from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
-from tools.make_checkpoint import PREFIX
-from weights_map.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from sd15.models.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.models.demo import PREFIX
+from sd15.models.keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
 
 COMPONENTS = {
     "unet": lambda: (unet_key_map(UNetConfig()), {}),

@@ -1,10 +1,10 @@
-"""The reference implementation (DESIGN.md §5): diffusers / transformers models holding the same tensors.
+"""The reference implementation (docs/architecture.md, "Parity"): diffusers / transformers models holding the same tensors.
 
 diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers' `CLIPTextModel`, configured from
 our config dataclasses, built on the meta device and filled with diffusers' own LDM converters
 (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`) applied to
 an original-layout state dict. Those converters are an independent witness of the checkpoint layout:
-if `weights_map.keymap` is wrong, the two sets of models disagree.
+if `sd15.models.keymap` is wrong, the two sets of models disagree.
 
     ref = reference_models(sd, configs)     # tests: the models share sd's tensors
     ref = reference_models(sd, configs, device="cuda", dtype=torch.float16)  # benchmark: cast while loading
@@ -21,8 +21,8 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sd15.config import TextEncoderConfig, UNetConfig, VAEConfig
-from sd15.loader import Configs
+from sd15.models.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sd15.models.loading import Configs
 
 # Merged checkpoints carry a `position_ids` buffer (sometimes broken floats); both sides ignore it.
 POSITION_IDS = "text_model.embeddings.position_ids"

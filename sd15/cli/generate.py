@@ -1,0 +1,221 @@
+"""`python -m sd15.generate`: prompt in, PNG out.
+
+    python -m sd15.generate --ckpt v1-5-pruned-emaonly.safetensors --prompt "a lighthouse at dusk" --seed 42
+    python -m sd15.generate --from-png outputs/00000-42.png --steps 40     # regenerate, changing one thing
+    python -m sd15.generate --demo --prompt "anything"      # tiny random weights: checks the install, draws noise
+
+The arguments become one `Request` (defaults are the request's), checked before the model loads; errors
+print one line and exit with status 2.
+"""
+
+import argparse
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from ..pipeline import png
+from ..pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, Request
+from ..sampling.registry import SAMPLERS
+
+CKPT_ENV = "SD15_CKPT"
+log = logging.getLogger("sd15")
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+# command-line option (argparse dest) -> Request field; each defaults to None, meaning "the request's default"
+REQUEST_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
+                  "cfg_scale": "guidance_scale", "sampler": "sampler", "seed": "seed", "width": "width",
+                  "height": "height", "batch_size": "batch_size", "init_image": "init_image", "strength": "strength"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sd15.generate", description="Generate images with a Stable Diffusion 1.x checkpoint.")
+    p.add_argument("--prompt", help="what to draw (required unless --from-png gives it)")
+    p.add_argument("--negative-prompt", help="what to steer away from (the unconditional prompt; default none)")
+    p.add_argument("--from-png", metavar="IMAGE",
+                   help="take prompt and settings from the A1111 infotext of this PNG (ours, A1111's, or any "
+                        "tool that writes it); every other option given overrides what it says")
+    p.add_argument("--ckpt", default=os.environ.get(CKPT_ENV),
+                   help=f"SD 1.x checkpoint (.safetensors or .ckpt); defaults to ${CKPT_ENV}")
+    p.add_argument("--vae", help="separate VAE file replacing the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA UNet weights if it has them")
+    p.add_argument("--demo", action="store_true",
+                   help="ignore --ckpt and run on a tiny random-weight checkpoint: checks the install end to "
+                        "end; the image is NOISE")
+    p.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULT_STEPS})")
+    p.add_argument("--cfg-scale", type=float,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; 1 disables the negative "
+                        "prompt pass)")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, or A1111 names such as 'Euler a', "
+                                     f"'DPM++ 2M Karras' (default {DEFAULT_SAMPLER!r})")
+    p.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (the default), 1 DDPM-like noise")
+    p.add_argument("--seed", type=int, help="random seed; a random one is picked and printed if omitted")
+    p.add_argument("--width", type=int,
+                   help=f"image width in pixels, a multiple of 8 (default {DEFAULT_SIZE}; img2img: the init "
+                        "image's, which is resized when --width and --height are given)")
+    p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of 8 (default {DEFAULT_SIZE})")
+    p.add_argument("--batch-size", type=int, help="images to draw at once (same seed, one batch; default 1)")
+    p.add_argument("--init-image", help="img2img: start from this image (its size, rounded down to x8, is used)")
+    p.add_argument("--strength", type=float,
+                   help=f"img2img: how much of the schedule to re-run, in (0, 1] (default {DEFAULT_STRENGTH}); "
+                        "1 ignores the image's content")
+    p.add_argument("--out", default="outputs",
+                   help="output folder (created if missing; files NNNNN-SEED.png) or a .png file name "
+                        "(default: outputs)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, mps ...; default CUDA when available")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="model precision; auto = float16 on CUDA, float32 elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: faster steps on a GPU, but every run pays minutes of compiling "
+                        "first (partly cached on disk between runs), so it pays only for many steps or a big "
+                        "batch; on CPU the default eager path is faster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def build_request(args):
+    """The Request the arguments describe (with `--from-png`: the PNG's, overridden by the arguments given),
+    and the read-back details of the PNG (None without it)."""
+    given = {field: getattr(args, dest) for dest, field in REQUEST_FIELDS.items() if getattr(args, dest) is not None}
+    if args.eta is not None:
+        given["sampler_options"] = {"eta": args.eta} if args.eta != 0 else {}
+    if args.from_png is None:
+        return Request(**given), None
+    text = read_infotext(Path(args.from_png))
+    back = Request.from_infotext(text, **given)
+    if back.unsupported:
+        log.warning("%s: not applied (sd15 does not support these infotext fields): %s", args.from_png,
+                    ", ".join(f"{k}: {v}" for k, v in back.unsupported.items()))
+    return back.request, back
+
+
+def read_infotext(path: Path) -> str:
+    from ..pipeline.images import ImageError, open_image
+    try:
+        image = open_image(path)
+    except ImageError as e:
+        raise ValueError(f"--from-png: {e}") from None
+    text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
+    if not text:
+        raise ValueError(f"--from-png: {path} carries no A1111 'parameters' text (nothing to regenerate)")
+    return text
+
+
+def check_files(args) -> None:
+    if not args.demo and not args.ckpt:
+        raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
+    if not args.demo and not Path(args.ckpt).exists():
+        raise ValueError(f"checkpoint {args.ckpt} does not exist")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise ValueError(f"VAE file {args.vae} does not exist")
+
+
+def output_paths(out: str, count: int, seed: int) -> list[Path]:
+    """Where each image goes: a .png name (NAME-i.png for a batch) or NNNNN-SEED.png in a folder.
+
+    Folders are created; existing files are never reused.
+    """
+    out_path = Path(out)
+    is_file = out_path.suffix.lower() == ".png"
+    folder = out_path.parent if is_file else out_path
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write to {folder}: permission denied")
+    if is_file:
+        paths = [out_path] if count == 1 else [out_path.with_name(f"{out_path.stem}-{i}.png") for i in range(count)]
+    else:
+        taken = [int(m.group(1)) for f in folder.iterdir() if (m := re.match(r"(\d{5})-", f.name))]
+        start = max(taken, default=-1) + 1
+        paths = [folder / f"{start + i:05d}-{seed}.png" for i in range(count)]
+    for path in paths:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; not overwriting it (choose another --out)")
+    return paths
+
+
+def load_pipeline(args, tmp: Path):
+    import torch
+
+    from ..models.demo import write_demo_checkpoint
+    from ..pipeline import load
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.demo:
+        ckpt = write_demo_checkpoint(tmp / "tiny-random-demo.safetensors")
+        print("DEMO: tiny random-weight checkpoint; the image will be noise. "
+              "Pass --ckpt with real SD 1.5 weights for real images.", file=sys.stderr)
+        return load(ckpt, device=args.device, dtype=dtype)
+    return load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema)
+
+
+def warn_about_model(back, pipe) -> None:
+    """--from-png on another model than the one that made the image: say so (the picture will differ)."""
+    made_with = back.model
+    if made_with.hash and pipe.model_hash and made_with.hash.lower() != pipe.model_hash.lower():
+        log.warning("the PNG was made with model %s [%s]; this run uses %s [%s], so expect a different picture",
+                    made_with.name or "?", made_with.hash, pipe.model_info.name, pipe.model_hash)
+
+
+def run(args) -> list[Path]:
+    from tqdm import tqdm
+
+    request, back = build_request(args)
+    check_files(args)
+    request = request.with_seed()
+    paths = output_paths(args.out, request.num_images, request.seed)
+
+    with tempfile.TemporaryDirectory(prefix="sd15-") as tmp:
+        pipe = load_pipeline(args, Path(tmp))
+        if back is not None and not args.demo:
+            warn_about_model(back, pipe)
+        if args.compile:
+            if pipe.device.type == "cpu":
+                log.warning("--compile on CPU: the eager fast path measured faster; compiling anyway")
+            log.warning("--compile: the first step compiles the UNet, which takes minutes")
+            pipe.compile()
+        bar = tqdm(total=request.steps, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr)
+
+        def progress(step, total, _latents):
+            bar.total = total
+            bar.update(step - bar.n)
+
+        try:
+            images = pipe.generate(request, progress)
+        except Exception as e:
+            if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):  # no C++ compiler, no Triton
+                raise ValueError(f"--compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                 "run without --compile") from None
+            raise
+        finally:
+            bar.close()
+    for image, path in zip(images, paths):
+        png.save_png(image, path, image.info.get("parameters"))
+        print(path)
+    if back is not None and back.batch_pos is not None and len(paths) > back.batch_pos:
+        print(f"the PNG was image {back.batch_pos} of its batch: {paths[back.batch_pos]}", file=sys.stderr)
+    print(f"seed: {request.seed}", file=sys.stderr)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is None and args.from_png is None:
+        parser.error("the following arguments are required: --prompt (or --from-png IMAGE)")
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("interrupted; no partial image was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileExistsError, OSError) as e:      # CheckpointError and ImageError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

@@ -1,0 +1,208 @@
+"""Checkpoint file -> our three models holding exactly its weights.
+
+Lean by construction: modules are built on the meta device (no random initialisation of a billion
+parameters), the file's tensors are renamed and checked by `sd15.files.remap`, converted to the target
+dtype one tensor at a time only where they differ, and assigned into the modules without a further copy.
+
+Configs come from the tensors' shapes (a checkpoint says how wide and deep it is, and an inpainting UNet
+says it takes 9 input channels), plus two facts shapes cannot tell, the head counts and the GroupNorm
+group count: SD 1.x's values, unless the file's safetensors metadata records others (the tiny random
+checkpoints of `sd15.models.demo` do).
+"""
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..files.checkpoint import SD1Checkpoint, read_sd1_checkpoint, read_vae_file
+from ..files.errors import CheckpointError
+from ..files.remap import remap
+from .config import TextEncoderConfig, UNetConfig, VAEConfig
+from .keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from .text_encoder import TextEncoder
+from .unet import UNet
+from .vae import VAE
+
+# Safetensors metadata keys under which sd15.models.demo records its (tiny) configs.
+CONFIG_METADATA = {"unet": ("sd15.unet_config", UNetConfig),
+                   "vae": ("sd15.vae_config", VAEConfig),
+                   "text_encoder": ("sd15.text_encoder_config", TextEncoderConfig)}
+# What shapes cannot tell; everything else is read from the tensors.
+NOT_IN_SHAPES = {"unet": ("num_heads", "norm_groups"), "vae": ("norm_groups",), "text_encoder": ("num_heads",)}
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+    unet: UNetConfig = UNetConfig()
+    vae: VAEConfig = VAEConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # fp16 is the norm for SD on GPUs; CPUs are slow and inexact in fp16, so fp32 there.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+# ---- configs: recorded in metadata, read from shapes ---------------------------------------------------
+
+def recorded_fields(metadata: Mapping[str, str] | None) -> dict[str, dict]:
+    """The config fields a safetensors header records (sd15.models.demo writes them), per component."""
+    found = {}
+    for field, (key, _cls) in CONFIG_METADATA.items():
+        if metadata and key in metadata:
+            found[field] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata[key]).items()}
+    return found
+
+
+def configs_from_metadata(metadata: Mapping[str, str] | None) -> Configs:
+    """Configs recorded in a safetensors header, SD1.5's values for the fields it does not record."""
+    return Configs(**{field: CONFIG_METADATA[field][1](**values)
+                      for field, values in recorded_fields(metadata).items()})
+
+
+def configs_to_metadata(configs: Configs) -> dict[str, str]:
+    return {key: json.dumps(dataclasses.asdict(getattr(configs, field)))
+            for field, (key, _cls) in CONFIG_METADATA.items()}
+
+
+def _count(shapes: Shapes, pattern: str) -> int:
+    """How many distinct indices fill the `(\\d+)` of `pattern` among the keys."""
+    regex = re.compile(pattern)
+    return len({m[1] for k in shapes if (m := regex.match(k))})
+
+
+def unet_config_from_shapes(shapes: Shapes, base: UNetConfig = UNetConfig()) -> UNetConfig:
+    """Widths, depth, attention levels and channel counts of an original-layout UNet (keys after
+    `model.diffusion_model.`); `base` supplies what shapes cannot tell. KeyError if a key it reads is missing."""
+    first = shapes["input_blocks.0.0.weight"]                       # [channels, in_channels, 3, 3]
+    widths, res_counts, attention_levels, res = [], [], [], 0
+    for block in range(1, _count(shapes, r"input_blocks\.(\d+)\.")):
+        prefix = f"input_blocks.{block}."
+        if prefix + "0.op.weight" in shapes:                        # a downsampler closes the level
+            widths.append(shapes[prefix + "0.op.weight"][0])
+            res_counts.append(res)
+            res = 0
+            continue
+        res += 1
+        if any(k.startswith(prefix + "1.") for k in shapes) and len(widths) not in attention_levels:
+            attention_levels.append(len(widths))
+    widths.append(shapes[f"input_blocks.{block}.0.in_layers.2.weight"][0])
+    res_counts.append(res)
+    context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), base.context_dim)
+    return dataclasses.replace(
+        base, in_channels=first[1], out_channels=shapes["out.2.weight"][0], channels=first[0],
+        channel_mult=tuple(w // first[0] for w in widths), num_res_blocks=max(res_counts),
+        attention_levels=tuple(attention_levels), context_dim=context)
+
+
+def vae_config_from_shapes(shapes: Shapes, base: VAEConfig = VAEConfig()) -> VAEConfig:
+    """The same for an original-layout VAE (keys after `first_stage_model.`)."""
+    levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+    channels = shapes["encoder.conv_in.weight"][0]
+    widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
+    return dataclasses.replace(
+        base, in_channels=shapes["encoder.conv_in.weight"][1], latent_channels=shapes["post_quant_conv.weight"][0],
+        channels=channels, channel_mult=tuple(w // channels for w in widths),
+        num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."))
+
+
+def text_config_from_shapes(shapes: Shapes, base: TextEncoderConfig = TextEncoderConfig(),
+                            num_heads: int | None = None) -> TextEncoderConfig:
+    """The same for the CLIP text model (keys after `cond_stage_model.transformer.`). Unless `num_heads`
+    is given, heads are 64 wide, as in every CLIP text model (ViT-L/14's 768 = 12 x 64)."""
+    vocab, width = shapes["text_model.embeddings.token_embedding.weight"]
+    hidden = shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+    return dataclasses.replace(
+        base, vocab_size=vocab, width=width, max_length=shapes["text_model.embeddings.position_embedding.weight"][0],
+        num_layers=_count(shapes, r"text_model\.encoder\.layers\.(\d+)\."), mlp_ratio=hidden // width,
+        num_heads=num_heads or max(1, width // 64))
+
+
+def _widths_fit(component: str, widths: list[int], groups: int, heads: int | None = None) -> None:
+    """Shapes that SD 1.x's group (and head) counts cannot divide: a model of another family or size."""
+    bad = [w for w in widths if w % groups or (heads and w % heads)]
+    if bad:
+        what = f"{groups} GroupNorm groups" + (f" and {heads} attention heads" if heads else "")
+        raise CheckpointError(f"{component}: its tensors give widths {', '.join(map(str, widths))}, which "
+                              f"{what} do not divide: not an SD 1.x model of a known size (a model of another "
+                              "size needs its configs: sd15.load(..., configs=...))")
+
+
+def configs_from_checkpoint(ckpt: SD1Checkpoint, vae_tensors: Mapping[str, torch.Tensor]) -> Configs:
+    """Configs read from the tensors' shapes, with metadata (or SD1.5's values) for what shapes cannot tell.
+
+    Where a tensor the reading needs is missing, that component keeps the recorded (or SD1.5) config, so
+    the loader names the missing tensor instead of guessing a smaller model.
+    """
+    recorded = configs_from_metadata(ckpt.metadata)
+    heads = recorded_fields(ckpt.metadata).get("text_encoder", {}).get("num_heads")
+    found = {}
+    for name, tensors, reader in (("unet", ckpt.unet, unet_config_from_shapes),
+                                  ("vae", vae_tensors, vae_config_from_shapes),
+                                  ("text_encoder", ckpt.text_encoder,
+                                   lambda shapes, base: text_config_from_shapes(shapes, base, heads))):
+        base = getattr(recorded, name)
+        try:
+            found[name] = reader({k: tuple(t.shape) for k, t in tensors.items()}, base)
+        except (KeyError, IndexError, ValueError):
+            found[name] = base
+    configs = Configs(**found)
+    unet, vae, text = configs.unet, configs.vae, configs.text_encoder
+    _widths_fit("text encoder", [text.width], 1, text.num_heads)
+    _widths_fit("UNet", [unet.channels * m for m in unet.channel_mult], unet.norm_groups, unet.num_heads)
+    _widths_fit("VAE", [vae.channels * m for m in vae.channel_mult], vae.norm_groups)
+    return configs
+
+
+# ---- building the models -------------------------------------------------------------------------------
+
+def build(module_cls: type[nn.Module], cfg, tensors: Mapping[str, torch.Tensor], key_map: dict[str, str], *,
+          component: str, device: torch.device, dtype: torch.dtype,
+          transforms: dict[str, str] | None = None) -> nn.Module:
+    """Meta-built module filled with the file's tensors: renamed, checked, cast only where needed."""
+    with torch.device("meta"):
+        module = module_cls(cfg)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    state = remap(dict(tensors), key_map, shapes, component=component, transform_names=transforms)
+    for key, tensor in state.items():
+        if tensor.dtype != dtype or tensor.device != device:
+            state[key] = tensor.to(device=device, dtype=dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_models(path: str | Path, *, vae: str | Path | None = None, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None, ema: bool = False, configs: Configs | None = None,
+                ) -> tuple[TextEncoder, UNet, VAE, SD1Checkpoint]:
+    """Read `path` (and the optional separate `vae` file) into (text_encoder, unet, vae, checkpoint info)."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    ckpt = read_sd1_checkpoint(path, ema=ema, require_vae=vae is None)
+    vae_tensors = ckpt.vae if vae is None else read_vae_file(Path(vae))
+    common = dict(device=device, dtype=dtype)
+    try:
+        if configs is None:
+            configs = configs_from_checkpoint(ckpt, vae_tensors)
+        text_encoder = build(TextEncoder, configs.text_encoder, ckpt.text_encoder,
+                             text_key_map(configs.text_encoder), component="text encoder", **common)
+        unet = build(UNet, configs.unet, ckpt.unet, unet_key_map(configs.unet), component="UNet", **common)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        vae_model = build(VAE, configs.vae, vae_tensors, vae_key_map(configs.vae), component="VAE",
+                          transforms=vae_transforms(configs.vae), **common)
+    except CheckpointError as e:
+        raise CheckpointError(f"{vae if vae is not None else path}: {e}") from None
+    return text_encoder, unet, vae_model, ckpt

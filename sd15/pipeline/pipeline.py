@@ -1,0 +1,137 @@
+"""`sd15.Pipeline`: the loaded models, and generation as a composition of stages.
+
+    pipe.generate(Request("a lighthouse", seed=42))           # the one way in
+    pipe.txt2img("a lighthouse", seed=42)                     # conveniences that build the Request
+    pipe.img2img("in.png", "the same in winter", strength=0.6)
+
+Threads: `generate` (and the conveniences) may run on several threads at once on one pipeline; they
+share the models read-only. Setting up is not thread-safe: `compile()`, replacing a model, or merging a
+weight delta while a generation runs.
+"""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..conditioning import CLIPTokenizer, encode_prompts
+from ..files.hashing import sha256_short
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet
+from ..models.vae import VAE
+from . import stages, vae_io
+from .request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelInfo, Request
+from .stages import Progress
+
+
+@dataclass(eq=False)
+class Pipeline:
+    tokenizer: CLIPTokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint_path: Path | None = None
+    vae_path: Path | None = None
+    quirks: list[str] = field(default_factory=list)
+    _hash: str | None = field(default=None, init=False, repr=False)
+    _hash_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    def generate(self, request: Request, progress: Progress | None = None) -> list[Image.Image]:
+        """The images of `request`; each image's `.info` holds "seed" and the A1111 "parameters" text.
+
+        progress(step, total, latents) is called after each sampler step (raise from it to stop).
+        """
+        run = stages.prepare(self, request)
+        with torch.inference_mode():
+            cond = stages.conditioning(self, run)
+            start = stages.initial_latents(self, run)
+            latents = stages.denoise(self, run, cond, start, progress)
+            pixels = stages.decode(self, latents)
+        return stages.annotate(pixels, run, self.model_info)
+
+    def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
+                steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int = 512, height: int = 512,
+                batch_size: int = 1, eta: float = 0.0, latents: torch.Tensor | None = None,
+                progress: Progress | None = None) -> list[Image.Image]:
+        """Images from text. A list of prompts gives `batch_size` images for each prompt.
+
+        `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's.
+        """
+        return self.generate(Request(prompt, negative_prompt, width, height, steps, sampler, _eta(eta),
+                                     guidance_scale, seed, batch_size, latents=latents), progress)
+
+    def img2img(self, image, prompt: str | list[str], *, strength: float = 0.75,
+                negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
+                guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
+                seed: int | None = None, batch_size: int = 1, eta: float = 0.0,
+                width: int | None = None, height: int | None = None,
+                progress: Progress | None = None) -> list[Image.Image]:
+        """Re-draw `image` (PIL image, path, or [B,3,H,W] tensor in [0, 1]) guided by `prompt`.
+
+        Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
+        nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
+        "Just resize"). The last int(steps·strength) steps run.
+        """
+        # steps and strength are checked before the image is read: a bad number fails before any file work
+        return self.generate(Request(prompt, negative_prompt, width, height, steps, sampler, _eta(eta),
+                                     guidance_scale, seed, batch_size, image, strength), progress)
+
+    # ---- building blocks --------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text states [B, 77, 768]; prompts past CLIP's 75 tokens are cut, and the log says what was cut."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> images in about [-1, 1]; large images are decoded in tiles, and a fp16 VAE
+        that overflows to NaN (the well-known black image) is retried in float32."""
+        return vae_io.decode(self.vae, latents)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        name = self.checkpoint_path.stem if self.checkpoint_path else None
+        return ModelInfo(name, self.model_hash, self.vae_path.name if self.vae_path else None)
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of the file's sha256 (read once, on first use)."""
+        if self.checkpoint_path is None:
+            return None
+        with self._hash_lock:
+            if self._hash is None:
+                self._hash = sha256_short(self.checkpoint_path)
+            return self._hash
+
+    def compile(self, mode: str | None = None) -> "Pipeline":
+        """Opt in to `torch.compile` for the UNet (all but a few % of a txt2img); returns the pipeline.
+
+        The first generation at each batch and image size compiles (minutes; later calls at that size
+        reuse the kernels). mode: torch.compile's; by default "max-autotune" on CUDA (Triton kernels
+        chosen by timing them, plus CUDA graphs, which replay a whole UNet step without launching its
+        hundreds of small kernels one by one from Python) and "default" elsewhere. On CPU the engine's
+        eager fast path measured faster than Inductor (BENCHMARKS.md), so there this is for experiments.
+        Outputs match the eager UNet to rounding, not bit for bit (Inductor fuses and reorders).
+        Each new batch size or image size compiles again; past torch's recompile limit (8) the UNet
+        quietly runs uncompiled, so compile for a fixed size and batch. A compiled UNet sees no
+        on-the-fly weight deltas (`models.blocks`): merge them instead.
+        """
+        if mode is None:
+            mode = "max-autotune" if self.device.type == "cuda" else "default"
+        if self.device.type == "cuda":
+            # Keep the activations NHWC so cuDNN and Inductor pick their tensor-core conv layouts
+            # without a transpose around every convolution.
+            self.unet.to(memory_format=torch.channels_last)
+        self.unet.compile(mode=mode, fullgraph=True, dynamic=False)
+        return self
+
+
+def _eta(eta: float) -> dict[str, float]:
+    """The conveniences' `eta=` keyword as a sampler option (0, the default, is no option at all)."""
+    return {"eta": eta} if eta != 0 else {}

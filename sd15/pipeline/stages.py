@@ -1,0 +1,133 @@
+"""The stages of a generation. `Pipeline.generate` is their composition:
+
+    run    = prepare(models, request)             the request checked against these models, seed fixed
+    cond   = conditioning(models, run)            prompts -> text states (cond, uncond)
+    start  = initial_latents(models, run)         noise, or an encoded init image and its noise
+    x      = denoise(models, run, cond, start)    the sampler over the guided UNet
+    pixels = decode(models, x)                    latents -> images (float32 retry for a NaN)
+    images = annotate(pixels, run, model info)    PIL images carrying the seed and the A1111 infotext
+
+txt2img and img2img differ only in `initial_latents`; an inpainting mask, a ControlNet or a hires pass
+is a new field of the request and a new stage (or a wrapper of the model inside `denoise`), not a new
+method. Stages read the shared models and change none of them, so generations on several threads can
+share one set of models (see docs/architecture.md, "Threads").
+
+Seeds follow diffusers (docs/architecture.md, "Seeds"): one CPU generator per generation; the initial
+noise for the whole batch is drawn first (img2img: the VAE posterior sample, then the forward noise),
+then whatever the sampler draws per step.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from ..conditioning import CLIPTokenizer, encode_prompts
+from ..models.latents import to_diffusion
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet
+from ..models.vae import VAE
+from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, make_plan, sample
+from . import validation, vae_io
+from .images import tensor_to_pil
+from .request import ModelInfo, Request
+
+Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
+
+
+class Models(Protocol):
+    """What the stages need: the pipeline's models and their device and dtype."""
+    tokenizer: CLIPTokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    device: torch.device
+    dtype: torch.dtype
+
+
+def sampler_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The sampler's state and arithmetic stay in float32 (float64 for float64 models) whatever the
+    models' dtype: a fp16 UNet's predictions are cast up before guidance and the update, and x is cast
+    down only as the UNet's input. diffusers keeps fp16 latents between steps; this loses less."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """A request on its way through the stages: seed fixed, plan made, noise source built."""
+    request: Request
+    plan: Plan
+    noise: NoiseSource
+    latent_shape: tuple[int, int, int, int]     # [images, latent channels, height / f, width / f]
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    cond: torch.Tensor                  # [images, 77·k, width]
+    uncond: torch.Tensor | None         # the negative prompts' states; None when guidance is off (scale 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Start:
+    noise: torch.Tensor                 # initial noise, on the device, in the sampler's dtype
+    x0: torch.Tensor | None = None      # img2img: the clean latents of the init image
+
+
+def prepare(models: Models, request: Request) -> Run:
+    """Check what depends on these models (latent size), fix the seed, make the plan. No model work."""
+    request = request.with_seed()
+    factor, channels = models.vae.cfg.downscale, models.unet.cfg.in_channels
+    validation.check_size(request.width, request.height, factor)
+    shape = (request.num_images, channels, request.height // factor, request.width // factor)
+    if request.latents is not None and tuple(request.latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for this request, got {tuple(request.latents.shape)}")
+    plan = make_plan(request.spec, request.steps, request.strength, request.sampler_options)
+    return Run(request, plan, GeneratorNoise.seeded(request.seed, models.dtype), shape)
+
+
+def conditioning(models: Models, run: Run) -> Conditioning:
+    prompts, negatives = run.request.per_image()
+    cond = encode_prompts(models.tokenizer, models.text_encoder, prompts)
+    guidance = run.request.guidance_scale
+    uncond = None if guidance == 1 else encode_prompts(models.tokenizer, models.text_encoder, negatives)
+    return Conditioning(cond, uncond)
+
+
+def initial_latents(models: Models, run: Run) -> Start:
+    state = sampler_dtype(models.dtype)
+    image = run.request.init_image
+    if image is None:
+        noise = run.request.latents if run.request.latents is not None else run.noise.draw(run.latent_shape)
+        return Start(noise.to(models.device, state))
+    # diffusers' order: the posterior sample first, then the forward-process noise.
+    mean, logvar = vae_io.encode_distribution(models.vae, image.tensor.to(models.device, models.dtype))
+    eps = run.noise.draw(tuple(mean.shape)).to(models.device, state)
+    mean, logvar = mean.to(state), logvar.to(state)
+    x0 = to_diffusion(mean + torch.exp(0.5 * logvar) * eps).repeat(run.latent_shape[0] // len(image), 1, 1, 1)
+    return Start(run.noise.draw(tuple(x0.shape)).to(models.device, state), x0)
+
+
+def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
+            progress: Progress | None = None) -> torch.Tensor:
+    """The sampler over the guided UNet; `progress(step, total, latents)` after each step."""
+    model = guided(models.unet, cond.cond, cond.uncond, run.request.guidance_scale)
+    x = None
+    for i, x in enumerate(sample(run.plan, model, start.noise, start.x0, source=run.noise), start=1):
+        if progress is not None:
+            progress(i, run.plan.num_steps, x)
+    return x
+
+
+def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
+    return vae_io.decode(models.vae, latents)
+
+
+def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo) -> list[Image.Image]:
+    """PIL images, each with `.info["seed"]` and `.info["parameters"]` (its A1111 infotext)."""
+    images = tensor_to_pil(pixels)
+    for i, image in enumerate(images):
+        image.info["seed"] = run.request.seed
+        image.info["parameters"] = run.request.infotext(i, model)
+    return images
