@@ -378,3 +378,91 @@ def test_import_sd15_changes_nothing_in_the_process():
     result = subprocess.run([sys.executable, "-c", "import sys, sd15; print('torch' in sys.modules)"],
                             env=cli_env(), capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# ---- --from-png: regenerate from an infotext ------------------------------------------------------
+
+def run_in_process(argv, capsys) -> tuple[int, str, str]:
+    code = generate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL_RUN = ["--steps", 3, "--width", 32, "--height", 32, "--quiet", "--device", "cpu"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_from_png_regenerates_the_same_image_and_takes_overrides(ckpt, tmp_path, capsys, caplog):
+    first = tmp_path / "first.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, "--prompt", "a lighthouse, at: dusk", "--negative-prompt", "fog",
+                                   "--sampler", "ddim", "--eta", 0.5, "--cfg-scale", 6, "--seed", 77, *SMALL_RUN,
+                                   "--out", first], capsys)
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, out, err = run_in_process(["--ckpt", ckpt, "--from-png", first, "--quiet", "--out", again], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [str(again)] and "seed: 77" in err
+    assert read_parameters(again) == read_parameters(first)                    # every setting came back
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))   # and the image
+
+    changed = tmp_path / "changed.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", first, "--steps", 4, "--quiet", "--out", changed],
+                                  capsys)
+    assert code == 0, err
+    prompt, negative, fields = parse_parameters(read_parameters(changed))
+    _, _, original = parse_parameters(read_parameters(first))
+    assert (prompt, negative) == ("a lighthouse, at: dusk", "fog")
+    assert fields == original | {"Steps": "4"} and original["Eta DDIM"] == "0.5"
+
+
+A1111_TEXT = ("masterpiece, (a red fox:1.2) in snow\n"
+              "Negative prompt: lowres, bad hands\n"
+              "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 32x40, "
+              "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, ENSD: 31337, "
+              'Lora hashes: "add_detail: 7c6bd4a8f1a2", Version: v1.10.1')
+
+
+def a1111_png(path: Path, text: str = A1111_TEXT, batch_pos: int | None = None) -> Path:
+    """A PNG as A1111 writes it: any image with the infotext in its `parameters` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 40), (90, 120, 200)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path, capsys, caplog):
+    out = tmp_path / "fox.png"
+    with caplog.at_level(logging.WARNING, "sd15"):
+        code, stdout, err = run_in_process(["--ckpt", ckpt, "--from-png", a1111_png(tmp_path / "a1111.png"),
+                                            "--device", "cpu", "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sd15"]
+    (unsupported,) = [w for w in warnings if "not applied" in w]
+    for field in ("Clip skip: 2", "ENSD: 31337", "Lora hashes: add_detail: 7c6bd4a8f1a2"):
+        assert field in unsupported, unsupported
+    assert "Version" not in unsupported and "Model" not in unsupported
+    (model,) = [w for w in warnings if "made with model" in w]                   # another model made it
+    assert "v1-5-pruned-emaonly [6ce0161689]" in model and "tiny-model_v1" in model
+    prompt, negative, fields = parse_parameters(read_parameters(out))
+    assert (prompt, negative) == ("masterpiece, (a red fox:1.2) in snow", "lowres, bad hands")
+    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == (
+        "3", "Euler a", "7.0", "1234", "32x40")
+    assert Image.open(out).size == (32, 40)
+
+
+def test_from_png_errors(ckpt, tmp_path, capsys, no_model):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    cases = {"no parameters": (plain, "carries no A1111 'parameters' text"),
+             "missing": (tmp_path / "nope.png", "does not exist"),
+             "unknown sampler": (a1111_png(tmp_path / "sde.png", A1111_TEXT.replace("Euler a", "DPM++ SDE")),
+                                 "unknown sampler 'DPM\\+\\+ SDE'")}
+    for name, (png, message) in cases.items():
+        code, out, err = run_in_process(["--ckpt", ckpt, "--from-png", png, "--out", tmp_path / "o"], capsys)
+        assert code == generate.EXIT_USAGE and out == "" and re.search(message, err), (name, err)
+    # an override makes the unknown sampler moot
+    parser_args = generate.build_parser().parse_args(["--from-png", str(tmp_path / "sde.png"), "--sampler", "euler"])
+    request, back = generate.build_request(parser_args)
+    assert request.sampler == "euler" and back.request.seed == 1234

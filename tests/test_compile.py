@@ -19,6 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import sd15
+from reference import rel_err
 
 CXX = os.environ.get("CXX", "g++")   # the compiler Inductor's C++ backend calls (torch._inductor.config.cpp.cxx)
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None,
@@ -62,8 +63,7 @@ def check_close(ours, ref):
     (steps, pixels), (ref_steps, ref_pixels) = ours, ref
     assert len(steps) == len(ref_steps)
     for x, x_ref in zip(steps, ref_steps):
-        err = ((x.double() - x_ref.double()).abs().max() / x_ref.double().abs().max()).item()
-        assert err <= LATENT_TOL
+        assert rel_err(x, x_ref) <= LATENT_TOL
     diff = np.abs(pixels - ref_pixels)
     assert diff.max() <= 1 and (diff == 0).mean() >= PIXEL_IDENTICAL
 

@@ -1,4 +1,4 @@
-"""`sd15.images`: user images in (any PIL mode, paths, tensors), decoded tensors out."""
+"""`sd15.pipeline.images`: user images in (any PIL mode, paths, tensors), decoded tensors out."""
 
 import numpy as np
 import pytest

@@ -121,7 +121,7 @@ def test_vae_decode_tiny(tiny_models, hw):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-onednn", "grad-enabled"])
 def test_plain_pytorch_path_tiny(tiny_models, grad):
-    """The tests above run sd15's CPU fast path (oneDNN linears, prepacked channels-last convs, sd15.blocks).
+    """The tests above run sd15's CPU fast path (oneDNN linears, prepacked channels-last convs, sd15.models.blocks).
     CUDA, half precision and autograd take the plain PyTorch ops instead: prove those agree too."""
     ref, ours = tiny_models
     gen = torch.Generator().manual_seed(3)

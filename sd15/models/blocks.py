@@ -54,8 +54,12 @@ _ACTIVE_DELTAS: contextvars.ContextVar[Mapping[nn.Module, tuple[Delta, ...]] | N
 
 @contextlib.contextmanager
 def deltas_active(deltas: Mapping[nn.Module, Sequence[Delta]]) -> Iterator[None]:
-    """Within the block, each module in `deltas` adds its deltas' outputs to its own (this thread only)."""
-    token = _ACTIVE_DELTAS.set({module: tuple(fns) for module, fns in deltas.items()})
+    """Within the block, each module in `deltas` adds its deltas' outputs to its own (this thread only).
+    A nested block adds to the deltas of the blocks around it."""
+    active = dict(_ACTIVE_DELTAS.get() or {})
+    for module, fns in deltas.items():
+        active[module] = active.get(module, ()) + tuple(fns)
+    token = _ACTIVE_DELTAS.set(active)
     try:
         yield
     finally:

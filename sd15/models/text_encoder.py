@@ -72,11 +72,15 @@ class TextEncoder(nn.Module):
         clip_skip: 1 runs every layer; k runs all but the last k-1 (A1111's "Clip skip"; diffusers'
         `clip_skip=k-1`). token_embeds: [B, N, width] used instead of `token_embedding(ids)`.
         """
-        if not 1 <= clip_skip <= len(self.layers):
-            raise ValueError(f"clip_skip must be from 1 to {len(self.layers)} (1 = the last layer), got {clip_skip!r}")
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= len(self.layers):
+            raise ValueError(f"clip_skip must be an integer from 1 to {len(self.layers)} (1 = the last layer), "
+                             f"got {clip_skip!r}")
         if ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"{ids.shape[1]} tokens in one pass; the text encoder takes at most "
                              f"{self.cfg.max_length} (encode longer prompts in chunks)")
+        if token_embeds is not None and tuple(token_embeds.shape) != (*ids.shape, self.cfg.width):
+            raise ValueError(f"token_embeds must have shape {(*ids.shape, self.cfg.width)} (ids {tuple(ids.shape)} "
+                             f"by width {self.cfg.width}), got {tuple(token_embeds.shape)}")
         # Positions are always 0..N-1, whatever position_ids tensor a checkpoint might carry.
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.token_embedding(ids) if token_embeds is None else token_embeds

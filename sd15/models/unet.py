@@ -210,5 +210,5 @@ class UNet(nn.Module):
                 # Upsample to the size of the skip it will meet, so odd latent sizes work.
                 h = level.resample(h, size=skips[-1].shape[-2:])
 
-        # .contiguous(): the CPU fast path (sd15.blocks) runs channels-last; hand back the usual layout.
+        # .contiguous(): the CPU fast path (sd15.models.blocks) runs channels-last; hand back the usual layout.
         return self.conv_out(F.silu(self.norm_out(h), inplace=True)).contiguous()

@@ -1,7 +1,7 @@
 """The SD 1.x autoencoder (KL-f8, Rombach et al. 2022): images in [-1, 1] <-> unscaled latents.
 
 `encode` returns the posterior mean, `decode` takes unscaled latents; the 0.18215 latent scale lives in
-`sd15.latents`, not here. The decoder's `up` list is kept in the order it runs (the original file
+`sd15.models.latents`, not here. The decoder's `up` list is kept in the order it runs (the original file
 stores it reversed; the key map handles that).
 """
 
@@ -116,7 +116,7 @@ class VAE(nn.Module):
 
     def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Diagonal Gaussian posterior q(z|x): (mean, log-variance clamped to [-30, 20] as trained)."""
-        # .contiguous(): the CPU fast path (sd15.blocks) runs channels-last; hand back the usual layout.
+        # .contiguous(): the CPU fast path (sd15.models.blocks) runs channels-last; hand back the usual layout.
         mean, logvar = self.quant_conv(self.encoder(images)).contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 

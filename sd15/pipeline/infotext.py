@@ -4,10 +4,14 @@
     Negative prompt: negative (any number of lines; the line is left out when there is none)
     Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, ...
 
-A value containing `,`, `:` or a newline is written as a JSON string, as A1111 does; everything else
-as is. Reading follows A1111's own parser: the last line holds the settings when at least three
-`Key: value` pairs are found in it, the prompt runs up to a line starting `Negative prompt:`.
-What the fields mean is the request's business (`request.py`); this module only knows the format.
+A value containing `,`, `:` or a newline is written as a JSON string, as A1111 does (and, so that it
+reads back as written, one containing `"` or with spaces at either end); everything else as is.
+Reading follows A1111's own parser: trailing blank lines are ignored, the last line holds the settings
+when at least three `Key: value` pairs are found in it (text between pairs that is no pair is skipped,
+as A1111's `findall` skips it), and the prompt runs up to a line starting `Negative prompt:`. A flat
+JSON object as a value (the civitai extension's `Hashes: {...}`) is read whole. Windows line endings
+are read as newlines. What the fields mean is the request's business (`request.py`); this module only
+knows the format.
 """
 
 import json
@@ -17,8 +21,8 @@ from dataclasses import dataclass, field
 
 NEGATIVE = "Negative prompt:"
 # A key starts with a word character and may hold spaces, '-' and '/' ("Schedule type", "ControlNet 0");
-# a value is a JSON string or runs to the next comma.
-_PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# a value is a JSON string, a flat JSON object, or runs to the next comma.
+_PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|\{[^{}]*\}|[^,]*)(?:,|$)')
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class Infotext:
 
 def quote(value: object) -> str:
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+    plain = not any(c in text for c in ',:\n"') and text == text.strip()
+    return text if plain else json.dumps(text, ensure_ascii=False)
 
 
 def format_infotext(prompt: str, negative_prompt: str, fields: Mapping[str, object]) -> str:
@@ -43,11 +48,8 @@ def format_infotext(prompt: str, negative_prompt: str, fields: Mapping[str, obje
 
 
 def _pairs(line: str) -> list[tuple[str, str]]:
-    pairs, pos = [], 0
-    while pos < len(line):
-        m = _PAIR.match(line, pos)
-        if not m or m.end() == pos:
-            break
+    pairs = []
+    for m in _PAIR.finditer(line):
         key, value = m[1].strip(), m[2].strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             try:
@@ -55,7 +57,6 @@ def _pairs(line: str) -> list[tuple[str, str]]:
             except ValueError:
                 pass                                   # A1111 keeps such a value as written
         pairs.append((key, value))
-        pos = m.end()
     return pairs
 
 
@@ -63,7 +64,7 @@ def parse_infotext(text: str) -> Infotext:
     """Prompt, negative prompt and settings of an infotext written by sd15, A1111 or a compatible tool."""
     if not isinstance(text, str):
         raise ValueError(f"an infotext is text, got {type(text).__name__}")
-    lines = text.removesuffix("\n").split("\n")
+    lines = text.replace("\r\n", "\n").rstrip().split("\n")
     pairs = _pairs(lines[-1]) if lines else []
     if len(pairs) >= 3:
         lines = lines[:-1]

@@ -17,34 +17,26 @@ noise for the whole batch is drawn first (img2img: the VAE posterior sample, the
 then whatever the sampler draws per step.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
-from ..conditioning import CLIPTokenizer, encode_prompts
+from ..conditioning import encode_prompts
 from ..models.latents import to_diffusion
-from ..models.text_encoder import TextEncoder
-from ..models.unet import UNet
-from ..models.vae import VAE
 from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, make_plan, sample
 from . import validation, vae_io
 from .images import tensor_to_pil
 from .request import ModelInfo, Request
 
+if TYPE_CHECKING:
+    from .pipeline import Pipeline as Models     # the stages use its models, device and dtype only
+
 Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
-
-
-class Models(Protocol):
-    """What the stages need: the pipeline's models and their device and dtype."""
-    tokenizer: CLIPTokenizer
-    text_encoder: TextEncoder
-    unet: UNet
-    vae: VAE
-    device: torch.device
-    dtype: torch.dtype
 
 
 def sampler_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -78,7 +70,7 @@ class Start:
 def prepare(models: Models, request: Request) -> Run:
     """Check what depends on these models (latent size), fix the seed, make the plan. No model work."""
     request = request.with_seed()
-    factor, channels = models.vae.cfg.downscale, models.unet.cfg.in_channels
+    factor, channels = models.vae.cfg.downscale, models.vae.cfg.latent_channels
     validation.check_size(request.width, request.height, factor)
     shape = (request.num_images, channels, request.height // factor, request.width // factor)
     if request.latents is not None and tuple(request.latents.shape) != shape:
