@@ -10,7 +10,7 @@ a name below. Process-wide settings (huge pages) are an explicit call: see `sd15
 The package's layout and the rule its imports follow: docs/architecture.md.
 """
 
-import importlib
+import importlib as _importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -28,10 +28,10 @@ __all__ = list(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'sd15' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(_importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value          # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({n for n in globals() if not n.startswith("_")} | set(__all__))

@@ -227,6 +227,10 @@ ARGUMENT_ERRORS = {
     "existing out file": (["--out", "TAKEN"], "already exists"),
     "out is a file": (["--out", "TEXT"], "exists and is not a folder"),
     "out under a file": (["--out", "TEXT/sub"], "cannot create output folder"),   # ENOTDIR, even for root
+    "out not png": (["--out", "picture.jpg"], "sd15 writes PNG files"),
+    "device unknown": (["--device", "banana"], "not a device torch knows"),
+    "device absent": (["--device", "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"],
+                      "CUDA is not available here|CUDA devices"),
 }
 
 
@@ -458,7 +462,8 @@ def test_from_png_errors(ckpt, tmp_path, capsys, no_model):
     cases = {"no parameters": (plain, "carries no A1111 'parameters' text"),
              "missing": (tmp_path / "nope.png", "does not exist"),
              "unknown sampler": (a1111_png(tmp_path / "sde.png", A1111_TEXT.replace("Euler a", "DPM++ SDE")),
-                                 "unknown sampler 'DPM\\+\\+ SDE'")}
+                                 "the infotext's sampler \\(DPM\\+\\+ SDE\\) is not one sd15 has; choose one with "
+                                 "--sampler")}
     for name, (png, message) in cases.items():
         code, out, err = run_in_process(["--ckpt", ckpt, "--from-png", png, "--out", tmp_path / "o"], capsys)
         assert code == generate.EXIT_USAGE and out == "" and re.search(message, err), (name, err)
@@ -466,3 +471,22 @@ def test_from_png_errors(ckpt, tmp_path, capsys, no_model):
     parser_args = generate.build_parser().parse_args(["--from-png", str(tmp_path / "sde.png"), "--sampler", "euler"])
     request, back = generate.build_request(parser_args)
     assert request.sampler == "euler" and back.request.seed == 1234
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_from_png_warns_about_a_text_without_settings(ckpt, tmp_path, capsys, caplog):
+    png = a1111_png(tmp_path / "prompt-only.png", "just a prompt, with: no settings line")
+    with caplog.at_level(logging.WARNING, "sd15"):
+        code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", png, *SMALL_RUN, "--out", tmp_path / "o.png"],
+                                      capsys)
+    assert code == 0, err
+    assert any("no settings line" in r.getMessage() for r in caplog.records)
+    prompt, _, fields = parse_parameters(read_parameters(tmp_path / "o.png"))
+    assert prompt == "just a prompt, with: no settings line" and fields["Sampler"] == "DPM++ 2M"
+
+
+def test_the_demo_checkpoint_is_the_same_file_every_time(tmp_path):
+    """Its sha256 is the demo images' Model hash: one write must not differ from the next."""
+    from sd15.models.demo import write_demo_checkpoint
+    first, second = (write_demo_checkpoint(tmp_path / f"{i}.safetensors").read_bytes() for i in (1, 2))
+    assert first == second

@@ -89,3 +89,17 @@ def test_new_size_would_recompile(compiled):
     generate(compiled)
     with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError, match="recompile"):
         generate(compiled, width=32, height=32)
+
+
+def test_on_the_fly_deltas_with_a_compiled_unet_are_an_error(tiny_ckpt_file):
+    """torch.compile cannot trace the context variable that carries on-the-fly deltas: rather than run
+    without them, the pipeline refuses, before any model work."""
+    from sd15.models.blocks import deltas_active
+    pipe = sd15.load(tiny_ckpt_file, device="cpu")
+    pipe.compile()                       # compiles lazily, at the first call: none happens here
+    try:
+        with deltas_active({pipe.unet.conv_in: [lambda x: 0]}):
+            with pytest.raises(ValueError, match="compiled UNet does not see on-the-fly weight deltas"):
+                pipe.txt2img("a cat", steps=1, width=32, height=32, seed=1)
+    finally:
+        torch._dynamo.reset()

@@ -41,7 +41,9 @@ NEGATIVE = "Negative prompt:"
 def settings_of(req: Request) -> dict:
     """Every setting of a request as plain values: compared next to `==`, so a failure shows which
     field differs (and the check does not rest on Request.__eq__ alone)."""
-    out = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name not in ("init_image", "latents")}
+    skip = ("init_image", "latents", "width", "height")       # an unset size is compared as what it resolves to
+    out = {f.name: getattr(req, f.name) for f in dataclasses.fields(req) if f.name not in skip}
+    out["size"] = req.size
     out["sampler_options"] = dict(req.sampler_options)
     out["has_init_image"] = req.init_image is not None
     return out
@@ -171,8 +173,9 @@ def test_img2img_without_its_init_image_is_txt2img_and_says_so(req):
     assert list(back.unsupported) == ["Denoising strength"]
     assert float(back.unsupported["Denoising strength"]) == req.strength
     assert back.request.init_image is None and back.request.strength == 1.0
-    assert (back.request.width, back.request.height) == (req.width, req.height)   # from "Size"
-    assert back.request == dataclasses.replace(req, init_image=None, strength=None)
+    assert back.request.size == req.size                                        # from "Size"
+    width, height = req.size                                                    # the size it ran at
+    assert back.request == dataclasses.replace(req, init_image=None, strength=None, width=width, height=height)
 
 
 def test_model_info_reads_back():
@@ -214,7 +217,7 @@ def test_a1111_hires_infotext_with_unsupported_fields():
     assert r.prompt == "masterpiece, best quality, (a lighthouse:1.2) at dusk, <lora:add_detail:0.5>"
     assert r.negative_prompt == "lowres, bad anatomy, (worst quality:1.4)"
     assert (r.steps, r.sampler, r.guidance_scale, r.seed) == (28, "dpmpp_2m_karras", 6.5, 3141592653)
-    assert (r.width, r.height) == (512, 768)
+    assert r.size == (512, 768)
     # The hires pass's denoising strength with no init image: txt2img, and reported.
     assert r.init_image is None and r.strength == 1.0
     # Everything sd15 cannot apply comes back, values unquoted, none dropped.
@@ -237,7 +240,7 @@ def test_a1111_pre_1_9_sampler_name_with_schedule_in_it():
         "Model: v1-5-pruned-emaonly, Version: v1.6.0"))
     r = back.request
     assert (r.prompt, r.negative_prompt) == ("a photo of an astronaut riding a horse on mars", "cartoon, 3d")
-    assert (r.steps, r.sampler, r.guidance_scale, r.seed, r.width, r.height) == \
+    assert (r.steps, r.sampler, r.guidance_scale, r.seed, *r.size) == \
         (20, "dpmpp_2m_karras", 7.0, 1234, 512, 512)
     assert back.unsupported == {} and back.version == "v1.6.0"
     assert back.model == ModelInfo("v1-5-pruned-emaonly", "6ce0161689")
@@ -267,7 +270,7 @@ def test_a1111_multiline_prompt_and_no_negative_prompt():
     r = back.request
     assert r.prompt == "a cozy cabin in the woods,\nsnow falling: warm light, (film grain:0.8)"
     assert r.negative_prompt == ""
-    assert (r.steps, r.sampler, r.guidance_scale, r.seed, r.width, r.height) == (20, "euler_a", 7.0, 1234, 512, 768)
+    assert (r.steps, r.sampler, r.guidance_scale, r.seed, *r.size) == (20, "euler_a", 7.0, 1234, 512, 768)
     assert back.unsupported == {}
 
 
@@ -282,7 +285,7 @@ def test_a1111_ddim_with_eta_and_multiline_negative_prompt():
     r = back.request
     assert r.prompt == "portrait of an old sailor"
     assert r.negative_prompt == "blurry,\nlowres,\nwatermark"
-    assert (r.steps, r.sampler, r.guidance_scale, r.seed, r.width, r.height) == (50, "ddim", 9.0, 42, 768, 512)
+    assert (r.steps, r.sampler, r.guidance_scale, r.seed, *r.size) == (50, "ddim", 9.0, 42, 768, 512)
     assert dict(r.sampler_options) == {"eta": 0.3}
     assert back.unsupported == {}
 
@@ -301,7 +304,7 @@ def test_a1111_json_quoted_values():
         'Wildcard prompt: "a \\"fox\\",\\nin snow", Version: v1.10.1'))
     r = back.request
     assert (r.prompt, r.negative_prompt) == ("a red fox", "")
-    assert (r.steps, r.sampler, r.guidance_scale, r.seed, r.width, r.height) == \
+    assert (r.steps, r.sampler, r.guidance_scale, r.seed, *r.size) == \
         (30, "euler_karras", 5.5, 7, 640, 448)
     assert back.model == ModelInfo("my, model: v2", "0123456789", 'the "good" vae, v1')
     assert back.unsupported == {"Wildcard prompt": 'a "fox",\nin snow'}
@@ -311,7 +314,7 @@ def test_a1111_json_quoted_values():
 def test_a1111_negative_cfg_and_big_seed():
     back = read("x\nSteps: 1, Sampler: Euler a, CFG scale: -2.5, Seed: 4294967295, Size: 8x2048")
     r = back.request
-    assert (r.steps, r.guidance_scale, r.seed, r.width, r.height) == (1, -2.5, 4294967295, 8, 2048)
+    assert (r.steps, r.guidance_scale, r.seed, *r.size) == (1, -2.5, 4294967295, 8, 2048)
 
 
 def test_overrides_replace_infotext_fields():
@@ -381,7 +384,7 @@ def test_text_without_a_settings_line_is_all_prompt(text):
     r = back.request
     assert (r.prompt, r.negative_prompt) == (text, "")
     # request.py's documented defaults: DPM++ 2M Karras, 25 steps, CFG 7.5, 512x512, a random seed.
-    assert (r.sampler, r.steps, r.guidance_scale, r.width, r.height, r.seed) == \
+    assert (r.sampler, r.steps, r.guidance_scale, *r.size, r.seed) == \
         ("dpmpp_2m_karras", DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_SIZE, None)
     assert back.request == Request(text)
     assert back.unsupported == {} and back.model == ModelInfo() and back.version is None
@@ -453,3 +456,51 @@ def test_plain_values_read_back_as_their_text(value):
     assert info.fields["A"] == str(value)
     if isinstance(value, float):
         assert float(info.fields["A"]) == value             # str(float) reads back exactly
+
+
+# ---- reading rules added after review ------------------------------------------------------------------
+
+A1111_LINE = "Steps: 20, CFG scale: 7, Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Version: v1.10.1"
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    ("Sampler: DPM++ 2M Karras, Schedule type: Karras", "dpmpp_2m_karras"),   # a pre-1.9 name, plus the 1.9 field
+    ("Sampler: DPM++ 2M, Schedule type: Karras", "dpmpp_2m_karras"),
+    ("Sampler: Euler, Schedule type: Automatic", "euler"),
+])
+def test_sampler_spellings_with_a_schedule_type(sampler, expected):
+    assert read(f"a cat\n{sampler}, {A1111_LINE}").request.sampler == expected
+
+
+@pytest.mark.parametrize("sampler", ["Sampler: Euler a, Schedule type: Karras", "Sampler: DDIM, Schedule type: Uniform",
+                                     "Sampler: DPM++ 2M Karras, Schedule type: Exponential"])
+def test_a_schedule_sd15_lacks_is_an_error_not_another_schedule(sampler):
+    """Falling back to the sampler's own schedule would quietly make another picture."""
+    with pytest.raises(ValueError, match=r"the infotext's sampler \(.*schedule type.*\) is not one sd15 has"):
+        read(f"a cat\n{sampler}, {A1111_LINE}")
+    assert read(f"a cat\n{sampler}, {A1111_LINE}", sampler="euler").request.sampler == "euler"
+
+
+def test_an_a1111_batch_image_regenerates_alone_with_its_own_seed():
+    """A1111 writes image i of a batch with seed + i (and a Version field); sd15 writes the batch's seed."""
+    a1111 = read("a cat\nSampler: Euler a, Batch size: 4, Batch pos: 2, " + A1111_LINE.replace("1234", "1236"))
+    assert (a1111.request.batch_size, a1111.request.seed, a1111.batch_pos) == (1, 1236, None)
+    assert "Batch size" not in a1111.unsupported and "Batch pos" not in a1111.unsupported
+    ours = read(Request("a cat", batch_size=4, seed=1234).infotext(2))
+    assert (ours.request.batch_size, ours.request.seed, ours.batch_pos) == (4, 1234, 2)
+
+
+def test_eta_as_older_sd15_versions_wrote_it():
+    back = read("a cat\nSteps: 10, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5")
+    assert dict(back.request.sampler_options) == {"eta": 0.5} and back.unsupported == {}
+
+
+def test_a_flat_json_value_is_read_whole():
+    back = read('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, '
+                'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, Clip skip: 2')
+    assert back.unsupported == {"Hashes": '{"model": "6ce0161689", "vae": "735e4c3a44"}', "Clip skip": "2"}
+
+
+def test_windows_line_endings():
+    back = read("a cat\r\nNegative prompt: dog\r\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64\r\n")
+    assert (back.request.prompt, back.request.negative_prompt, back.request.steps) == ("a cat", "dog", 3)

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from reference import SCHEDULERS, SD15_SCHEDULER, reference_scheduler, rel_err
-from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, denoise, make_plan, resolve_sampler, sample
+from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, denoise, make_plan, noised, resolve_sampler, sample
 from sd15.sampling.denoiser import Denoiser
 from sd15.sampling.schedule import ScheduleConfig, alphas_cumprod
 
@@ -43,7 +43,7 @@ def recording(model, log):
     return eps_model
 
 
-def ours(model):
+def ours_model(model):
     """A toy (x, t) model with our sampler's model signature (x_in, call)."""
     return lambda x, call: model(x, call.t)
 
@@ -214,7 +214,7 @@ def test_img2img_loop(name, eta, strength, steps):
 def test_denoise_is_last_step():
     plan = make_plan(resolve_sampler("dpmpp_2m_karras"), 8)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(denoise(plan, ours(toy_eps), noise), list(sample(plan, ours(toy_eps), noise))[-1])
+    assert torch.equal(denoise(plan, ours_model(toy_eps), noise), list(sample(plan, ours_model(toy_eps), noise))[-1])
 
 
 # ---- half-precision models: float32 state, per-step noise drawn in the model's dtype ----
@@ -315,10 +315,11 @@ def test_bad_strength_and_eta():
     for sampler, eta in (("euler_a", 0.5), ("ddim", -0.1), ("ddim", 1.5), ("ddim", float("nan"))):
         with pytest.raises(ValueError, match="eta"):
             make_plan(resolve_sampler(sampler), 10, options={"eta": eta})
+    assert dict(make_plan(resolve_sampler("euler_a"), 10, options={"eta": 0.0}).options) == {}   # 0: no effect
     with pytest.raises(ValueError, match="has no option eta"):
-        make_plan(resolve_sampler("euler_a"), 10, options={"eta": 0.0})   # not declared, even at 0
+        make_plan(resolve_sampler("euler_a"), 10, options={"eta": False})
     with pytest.raises(ValueError, match="init image"):
-        sample(make_plan(spec, 10, strength=0.5), ours(toy_eps), torch.zeros(SHAPE))
+        sample(make_plan(spec, 10, strength=0.5), ours_model(toy_eps), torch.zeros(SHAPE))
 
 
 def test_options_are_declared_per_sampler():
@@ -333,4 +334,49 @@ def test_options_are_declared_per_sampler():
 def test_stochastic_sampler_without_a_noise_source_says_so():
     plan = make_plan(resolve_sampler("euler_a"), 4)
     with pytest.raises(ValueError, match="noise source"):
-        list(sample(plan, ours(toy_eps), torch.zeros(SHAPE)))
+        list(sample(plan, ours_model(toy_eps), torch.zeros(SHAPE)))
+
+
+# ---- the state seam: diffusers' latent blending for inpainting masks, as an after_step function ----------
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "ddim", "ddpm"])
+def test_after_step_reproduces_diffusers_mask_blending(name):
+    """StableDiffusionInpaintPipeline with a 4-channel UNet blends the state after every step: the
+    original latents re-noised to the next timestep outside the mask (plain on the last step), the
+    sampler's state inside. Written once as `after_step`, it matches diffusers for one-step, ancestral
+    and multistep samplers; without it the result differs (the test can fail)."""
+    steps = 8
+    g = torch.Generator().manual_seed(5)
+    image_latents = torch.randn(SHAPE, generator=g)
+    mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=g) > 0.5).float()
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(SHAPE, generator=g)
+    plan = make_plan(resolve_sampler(name), steps)
+    sigmas = plan.sigmas.tolist()
+
+    def blend(x, i):
+        outside = noised(plan, image_latents, noise, sigmas[i + 1]) if i < steps - 1 else image_latents
+        return (1 - mask) * outside + mask * x
+
+    ours = list(sample(plan, ours_model(toy_eps), noise, source=GeneratorNoise(g), after_step=blend))
+    g = torch.Generator().manual_seed(0)
+    plain = list(sample(plan, ours_model(toy_eps), torch.randn(SHAPE, generator=g), source=GeneratorNoise(g)))
+
+    g = torch.Generator().manual_seed(0)
+    sched = reference_scheduler(name)
+    sched.set_timesteps(steps)
+    latents = torch.randn(SHAPE, generator=g) * sched.init_noise_sigma
+    ref_noise = latents / sched.init_noise_sigma
+    ref = []
+    for i, t in enumerate(sched.timesteps):
+        eps = toy_eps(sched.scale_model_input(latents, t), t)
+        latents = sched.step(eps, t, latents, generator=g, return_dict=False)[0]
+        proper = image_latents
+        if i < len(sched.timesteps) - 1:
+            proper = sched.add_noise(image_latents, ref_noise, sched.timesteps[i + 1:i + 2])
+        latents = (1 - mask) * proper + mask * latents
+        ref.append(latents)
+    for x, r in zip(ours, ref):
+        assert rel_err(x, r) <= TOL
+    assert rel_err(plain[-1], ref[-1]) > 0.01

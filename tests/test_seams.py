@@ -597,3 +597,38 @@ def test_nested_delta_blocks_add_up():
                 assert torch.equal(lin(x), plain + 2)              # both
             assert torch.equal(lin(x), plain + 1)
         assert torch.equal(lin(x), plain)
+
+
+def test_residuals_must_have_each_tensor_s_shape_and_take_its_dtype(tiny_models):
+    """A residual that would broadcast is refused by name; one in another dtype is cast (a float32
+    ControlNet beside a bf16 UNet)."""
+    unet = tiny_models[1].unet
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.cfg.context_dim, generator=g)
+    with torch.inference_mode():
+        shapes = [s.shape for s in _skips(unet, x)]
+        mid_shape = (1, unet.cfg.channels * unet.cfg.channel_mult[-1], 2, 2)
+        bad = Residuals(tuple(torch.zeros(s[0], s[1], 1, 1) for s in shapes), torch.zeros(mid_shape))
+        with pytest.raises(ValueError, match=r"skip residual 0 has shape \(1, 32, 1, 1\)"):
+            unet(x, 500.0, ctx, residuals=bad)
+        good = Residuals(tuple(torch.randn(s, generator=g) for s in shapes), torch.randn(mid_shape, generator=g))
+        wide = Residuals(tuple(r.double() for r in good.skips), good.mid.double())
+        assert torch.equal(unet(x, 500.0, ctx, residuals=wide), unet(x, 500.0, ctx, residuals=good))
+
+
+def _skips(unet, x):
+    """The skip tensors the way down saves, by running it (what a ControlNet's outputs must match)."""
+    saved = []
+    hooks = [level.res[i].register_forward_hook(lambda m, a, out: saved.append(out))
+             for level in unet.down for i in range(len(level.res)) if not level.attn]
+    hooks += [level.attn[i].register_forward_hook(lambda m, a, out: saved.append(out))
+              for level in unet.down for i in range(len(level.attn))]
+    hooks.append(unet.conv_in.register_forward_hook(lambda m, a, out: saved.append(out)))
+    hooks += [level.resample.register_forward_hook(lambda m, a, out: saved.append(out))
+              for level in unet.down if level.resample is not None]
+    try:
+        unet(x, 500.0, torch.zeros(1, 77, unet.cfg.context_dim))
+    finally:
+        for h in hooks:
+            h.remove()
+    return saved

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt pass)")
     p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, or A1111 names such as 'Euler a', "
                                      f"'DPM++ 2M Karras' (default {DEFAULT_SAMPLER!r})")
-    p.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (the default), 1 DDPM-like noise")
+    for name, (option, samplers) in sampler_options().items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, dest=f"option_{name}",
+                       help=f"{', '.join(samplers)}: {option.help} (default {option.default:g})")
     p.add_argument("--seed", type=int, help="random seed; a random one is picked and printed if omitted")
     p.add_argument("--width", type=int,
                    help=f"image width in pixels, a multiple of 8 (default {DEFAULT_SIZE}; img2img: the init "
@@ -76,28 +78,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampler_options() -> dict[str, tuple]:
+    """Every sampler option in the table -> (the option, the samplers that have it): one flag each."""
+    found: dict[str, tuple] = {}
+    for spec in SAMPLERS.values():
+        for option in spec.options:
+            found.setdefault(option.name, (option, []))[1].append(spec.name)
+    return found
+
+
 def build_request(args):
     """The Request the arguments describe (with `--from-png`: the PNG's, overridden by the arguments given),
     and the read-back details of the PNG (None without it)."""
     given = {field: getattr(args, dest) for dest, field in REQUEST_FIELDS.items() if getattr(args, dest) is not None}
-    if args.eta is not None:
-        given["sampler_options"] = {"eta": args.eta} if args.eta != 0 else {}
+    options = {name: getattr(args, f"option_{name}") for name in sampler_options()
+               if getattr(args, f"option_{name}") is not None}
+    if options:
+        given["sampler_options"] = options
     if args.from_png is None:
         return Request(**given), None
     text = read_infotext(Path(args.from_png))
     back = Request.from_infotext(text, **given)
     if back.unsupported:
-        log.warning("%s: not applied (sd15 does not support these infotext fields): %s", args.from_png,
-                    ", ".join(f"{k}: {v}" for k, v in back.unsupported.items()))
+        log.warning("%s: not applied (fields sd15 does not support, or that do not apply to this request): %s",
+                    args.from_png, ", ".join(f"{k}: {v}" for k, v in back.unsupported.items()))
+    if not back.found:
+        log.warning("%s: its text has no settings line (Steps: ..., Sampler: ...): all of it is taken as the "
+                    "prompt, with sd15's default settings", args.from_png)
+    elif "Seed" not in back.found and args.seed is None:
+        log.warning("%s: its infotext has no Seed: a random one is used", args.from_png)
+    if "Denoising strength" in back.unsupported and back.request.init_image is None:
+        log.warning("the PNG was made by img2img: pass --init-image (the image it started from) to "
+                    "regenerate it; running txt2img with its settings instead")
     return back.request, back
 
 
 def read_infotext(path: Path) -> str:
-    from ..pipeline.images import ImageError, open_image
-    try:
-        image = open_image(path)
-    except ImageError as e:
-        raise ValueError(f"--from-png: {e}") from None
+    from ..pipeline.images import open_image
+    image = open_image(path, what="--from-png image")
     text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
     if not text:
         raise ValueError(f"--from-png: {path} carries no A1111 'parameters' text (nothing to regenerate)")
@@ -105,6 +123,8 @@ def read_infotext(path: Path) -> str:
 
 
 def check_files(args) -> None:
+    """Files and the device, checked before anything loads."""
+    check_device(args.device)
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():
@@ -113,12 +133,30 @@ def check_files(args) -> None:
         raise ValueError(f"VAE file {args.vae} does not exist")
 
 
+def check_device(name: str | None) -> None:
+    if name is None:
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available here (no such device, or torch "
+                         f"{torch.__version__} was built without it); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+
+
 def output_paths(out: str, count: int, seed: int) -> list[Path]:
     """Where each image goes: a .png name (NAME-i.png for a batch) or NNNNN-SEED.png in a folder.
 
     Folders are created; existing files are never reused.
     """
     out_path = Path(out)
+    if out_path.suffix.lower() in (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+        raise ValueError(f"--out {out}: sd15 writes PNG files (they carry the infotext); use a .png name or a folder")
     is_file = out_path.suffix.lower() == ".png"
     folder = out_path.parent if is_file else out_path
     if folder.exists() and not folder.is_dir():

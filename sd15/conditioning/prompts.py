@@ -6,9 +6,10 @@ Each distinct text is encoded once (a batch of 64 copies of one prompt is one CL
 encodes a prompt once and repeats it per image). Plain text: CLIP reads BOS + 75 tokens + EOS; the rest
 is cut, and the log says which words were dropped.
 
-The text encoder accepts any number of 77-token chunks and `clip_skip` (see `models.text_encoder`), and
-the guidance wrapper accepts prompt and negative states of different lengths: what a prompt language
-with long prompts needs below this module is in place.
+Below this module, what a prompt language with long prompts needs is in place: the text encoder takes
+`clip_skip` and replacement token embeddings (one 77-token chunk per call; long prompts are chunks
+concatenated along the sequence axis), and the guidance wrapper accepts prompt and negative states of
+different lengths.
 """
 
 import logging

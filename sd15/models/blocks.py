@@ -66,6 +66,11 @@ def deltas_active(deltas: Mapping[nn.Module, Sequence[Delta]]) -> Iterator[None]
         _ACTIVE_DELTAS.reset(token)
 
 
+def active_deltas() -> Mapping[nn.Module, tuple[Delta, ...]]:
+    """The on-the-fly deltas in effect for the calling thread ({} outside any `deltas_active`)."""
+    return _ACTIVE_DELTAS.get() or {}
+
+
 def _deltas_for(module: nn.Module) -> tuple[Delta, ...]:
     if torch.compiler.is_compiling():
         return ()
@@ -142,6 +147,9 @@ class Conv2d(nn.Conv2d):
         if cached is not None and cached[0] is w and cached[1] == version:
             return cached[2]
         with self._pack_lock:
+            cached = self._packed.get(shape)              # another thread may have packed it meanwhile
+            if cached is not None and cached[0] is w and cached[1] == version:
+                return cached[2]
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), self.padding, self.stride,
                                                                self.dilation, self.groups, list(shape))
             entries = {s: e for s, e in self._packed.items() if s != shape and e[0] is w and e[1] == version}
@@ -159,7 +167,7 @@ class Conv2d(nn.Conv2d):
         return {k: v for k, v in self.__dict__.items() if k not in ("_packed", "_pack_lock")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._packed, self._pack_lock = {}, threading.Lock()
 
 

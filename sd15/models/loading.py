@@ -28,7 +28,10 @@ from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import VAE
 
-# Safetensors metadata keys under which sd15.models.demo records its (tiny) configs.
+# Safetensors metadata under which sd15.models.demo records its (tiny) configs: one key holding all three
+# (one key, because the safetensors writer puts several in a random order, and the file's sha256, its
+# "Model hash", must not change from one write to the next), or, as earlier files have it, one per network.
+CONFIGS_KEY = "sd15.configs"
 CONFIG_METADATA = {"unet": ("sd15.unet_config", UNetConfig),
                    "vae": ("sd15.vae_config", VAEConfig),
                    "text_encoder": ("sd15.text_encoder_config", TextEncoderConfig)}
@@ -58,10 +61,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def recorded_fields(metadata: Mapping[str, str] | None) -> dict[str, dict]:
     """The config fields a safetensors header records (sd15.models.demo writes them), per component."""
+    metadata = metadata or {}
+    combined = json.loads(metadata[CONFIGS_KEY]) if CONFIGS_KEY in metadata else {}
     found = {}
     for field, (key, _cls) in CONFIG_METADATA.items():
-        if metadata and key in metadata:
-            found[field] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata[key]).items()}
+        values = combined.get(field) or (json.loads(metadata[key]) if key in metadata else None)
+        if values is not None:
+            found[field] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return found
 
 
@@ -72,8 +78,7 @@ def configs_from_metadata(metadata: Mapping[str, str] | None) -> Configs:
 
 
 def configs_to_metadata(configs: Configs) -> dict[str, str]:
-    return {key: json.dumps(dataclasses.asdict(getattr(configs, field)))
-            for field, (key, _cls) in CONFIG_METADATA.items()}
+    return {CONFIGS_KEY: json.dumps({field: dataclasses.asdict(getattr(configs, field)) for field in CONFIG_METADATA})}
 
 
 def _count(shapes: Shapes, pattern: str) -> int:

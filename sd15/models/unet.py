@@ -39,6 +39,19 @@ class Residuals(NamedTuple):
     mid: torch.Tensor
 
 
+def _add_residuals(skips: list[torch.Tensor], mid: torch.Tensor,
+                   residuals: Residuals) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Skips and middle output plus the residuals, each checked to have exactly its tensor's shape (no
+    broadcasting) and taken in its dtype."""
+    if len(residuals.skips) != len(skips):
+        raise ValueError(f"{len(residuals.skips)} skip residuals for a UNet with {len(skips)} skips")
+    for i, (s, r) in enumerate([*zip(skips, residuals.skips), (mid, residuals.mid)]):
+        if r.shape != s.shape:
+            where = f"skip residual {i}" if i < len(skips) else "middle-block residual"
+            raise ValueError(f"{where} has shape {tuple(r.shape)}; the UNet's tensor there is {tuple(s.shape)}")
+    return [s + r.to(s.dtype) for s, r in zip(skips, residuals.skips)], mid + residuals.mid.to(mid.dtype)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer sinusoid of the timestep, **cos first then sin** as SD was trained.
 
@@ -196,10 +209,7 @@ class UNet(nn.Module):
 
         h = self.mid(h, time_emb, context)
         if residuals is not None:
-            if len(residuals.skips) != len(skips):
-                raise ValueError(f"{len(residuals.skips)} skip residuals for a UNet with {len(skips)} skips")
-            skips = [s + r for s, r in zip(skips, residuals.skips)]
-            h = h + residuals.mid
+            skips, h = _add_residuals(skips, h, residuals)
 
         for level in self.up:
             for i, res in enumerate(level.res):

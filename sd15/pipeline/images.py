@@ -12,21 +12,22 @@ class ImageError(ValueError):
     """An init image that is missing, unreadable, truncated or of an unusable shape."""
 
 
-def open_image(source) -> Image.Image:
-    """A PIL image from a path (fully decoded now, so a truncated file fails here, not mid-run)."""
+def open_image(source, what: str = "init image") -> Image.Image:
+    """A PIL image from a path (fully decoded now, so a truncated file fails here, not mid-run).
+    `what` names the image in errors ("init image", "--from-png image", ...)."""
     if isinstance(source, Image.Image):
         return source
     path = Path(source)
     if not path.exists():
-        raise ImageError(f"init image {path} does not exist")
+        raise ImageError(f"{what} {path} does not exist")
     if path.is_dir():
-        raise ImageError(f"init image {path} is a directory, not an image file")
+        raise ImageError(f"{what} {path} is a directory, not an image file")
     try:
         with Image.open(path) as img:
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"init image {path} could not be read as an image ({e})") from None
+        raise ImageError(f"{what} {path} could not be read as an image ({e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -66,27 +67,7 @@ def init_image_tensor(source, size: tuple[int, int] | None = None) -> torch.Tens
     negative values is assumed to be in [-1, 1] already. size=(width, height): a PIL image or file is
     resized to it with Lanczos (A1111's "Just resize"); a tensor must have it already.
     """
-    if isinstance(source, Pixels):
-        source = source.tensor
-        if size is None or tuple(size) == source.shape[-1:-3:-1]:
-            return source
-    if isinstance(source, torch.Tensor):
-        t = source.detach().float().cpu()
-        t = t[None] if t.dim() == 3 else t
-        if t.dim() != 4 or t.shape[1] != 3:
-            raise ImageError(f"init image tensor must be [3,H,W] or [B,3,H,W], got {tuple(source.shape)}")
-        if t.shape[-1] % 8 or t.shape[-2] % 8:
-            raise ImageError(f"init image tensor sides must be multiples of 8, got {tuple(t.shape[-2:])}")
-        if not torch.isfinite(t).all():
-            raise ImageError("init image tensor contains NaN or infinite values")
-        if size is not None and tuple(size) != (t.shape[-1], t.shape[-2]):
-            raise ImageError(f"init image tensor is {t.shape[-1]}x{t.shape[-2]}, but {size[0]}x{size[1]} was asked "
-                             "for; resize the tensor or leave width and height unset")
-        return t if t.min() < 0 else t * 2.0 - 1.0
-    img = to_rgb(open_image(source))
-    if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), resample=Image.LANCZOS)
-    return pil_to_tensor(snap_to_multiple_of_8(img))
+    return Pixels.of(source, size).tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,16 +75,26 @@ class Pixels:
     """Images as the pipeline takes them: [B,3,H,W] float32 in [-1, 1], sides multiples of 8.
 
     A request holds its init image as Pixels, converted once when the request is made (so a broken file
-    fails then, before any model work); equal when the tensors are.
+    fails then, before any model work); equal when the tensors are. `source` keeps the RGB PIL image it
+    came from (None for tensors), so asking for another size resizes the original, not a resized copy.
     """
     tensor: torch.Tensor
+    source: Image.Image | None = None
 
     @classmethod
     def of(cls, source, size: tuple[int, int] | None = None) -> "Pixels":
-        """From a PIL image, a path, a tensor (see `init_image_tensor`) or Pixels."""
-        if isinstance(source, Pixels) and (size is None or size == source.size):
-            return source
-        return cls(init_image_tensor(source, size))
+        """From a PIL image, a path, a tensor, or Pixels (at another `size`: from its source image)."""
+        if isinstance(source, Pixels):
+            if size is None or tuple(size) == source.size:
+                return source
+            if source.source is None:
+                return cls(_checked_tensor(source.tensor, size))
+            source = source.source
+        if isinstance(source, torch.Tensor):
+            return cls(_checked_tensor(source, size))
+        img = to_rgb(open_image(source))
+        resized = img if size is None or img.size == tuple(size) else img.resize(tuple(size), resample=Image.LANCZOS)
+        return cls(pil_to_tensor(snap_to_multiple_of_8(resized)), img)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -118,6 +109,22 @@ class Pixels:
 
     def __repr__(self) -> str:
         return f"Pixels({len(self)} x {self.size[0]}x{self.size[1]})"
+
+
+def _checked_tensor(source: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """A user's tensor as Pixels' tensor: a private float32 copy, in [-1, 1]."""
+    t = source.detach().to("cpu", torch.float32, copy=True)
+    t = t[None] if t.dim() == 3 else t
+    if t.dim() != 4 or t.shape[1] != 3:
+        raise ImageError(f"init image tensor must be [3,H,W] or [B,3,H,W], got {tuple(source.shape)}")
+    if t.shape[-1] % 8 or t.shape[-2] % 8:
+        raise ImageError(f"init image tensor sides must be multiples of 8, got {tuple(t.shape[-2:])}")
+    if not torch.isfinite(t).all():
+        raise ImageError("init image tensor contains NaN or infinite values")
+    if size is not None and tuple(size) != (t.shape[-1], t.shape[-2]):
+        raise ImageError(f"init image tensor is {t.shape[-1]}x{t.shape[-2]}, but {size[0]}x{size[1]} was asked "
+                         "for; resize the tensor or leave width and height unset")
+    return t if t.min() < 0 else t * 2.0 - 1.0
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..conditioning import CLIPTokenizer, encode_prompts
 from ..files.hashing import sha256_short
+from ..models.blocks import active_deltas
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import VAE
@@ -48,6 +49,10 @@ class Pipeline:
         progress(step, total, latents) is called after each sampler step (raise from it to stop).
         """
         run = stages.prepare(self, request)
+        if getattr(self.unet, "_compiled_call_impl", None) is not None and active_deltas():
+            if set(active_deltas()) & set(self.unet.modules()):
+                raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
+                                 "trace them): merge them (sd15.models.blocks.merge_delta) or do not compile")
         with torch.inference_mode():
             cond = stages.conditioning(self, run)
             start = stages.initial_latents(self, run)
@@ -57,17 +62,21 @@ class Pipeline:
 
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int = 512, height: int = 512,
-                batch_size: int = 1, eta: float = 0.0, latents: torch.Tensor | None = None,
-                progress: Progress | None = None) -> list[Image.Image]:
-        """Images from text. A list of prompts gives `batch_size` images for each prompt.
+                sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
+                height: int | None = None, batch_size: int = 1, eta: float = 0.0,
+                latents: torch.Tensor | None = None, progress: Progress | None = None) -> list[Image.Image]:
+        """Images from text (512x512 unless width and height are given). A list of prompts gives
+        `batch_size` images for each prompt.
 
-        `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's.
+        `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's
+        (0, the default, is accepted by every sampler).
         """
-        return self.generate(Request(prompt, negative_prompt, width, height, steps, sampler, _eta(eta),
-                                     guidance_scale, seed, batch_size, latents=latents), progress)
+        return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                     steps=steps, sampler=sampler, sampler_options={"eta": eta},
+                                     guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                                     latents=latents), progress)
 
-    def img2img(self, image, prompt: str | list[str], *, strength: float = 0.75,
+    def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
                 seed: int | None = None, batch_size: int = 1, eta: float = 0.0,
@@ -77,11 +86,12 @@ class Pipeline:
 
         Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
         nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
-        "Just resize"). The last int(steps·strength) steps run.
+        "Just resize"). The last int(steps·strength) steps run; strength defaults to 0.75.
         """
-        # steps and strength are checked before the image is read: a bad number fails before any file work
-        return self.generate(Request(prompt, negative_prompt, width, height, steps, sampler, _eta(eta),
-                                     guidance_scale, seed, batch_size, image, strength), progress)
+        return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                     steps=steps, sampler=sampler, sampler_options={"eta": eta},
+                                     guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                                     init_image=image, strength=strength), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 
@@ -130,8 +140,3 @@ class Pipeline:
             self.unet.to(memory_format=torch.channels_last)
         self.unet.compile(mode=mode, fullgraph=True, dynamic=False)
         return self
-
-
-def _eta(eta: float) -> dict[str, float]:
-    """The conveniences' `eta=` keyword as a sampler option (0, the default, is no option at all)."""
-    return {"eta": eta} if eta != 0 else {}

@@ -8,20 +8,21 @@ server and batch files), validated once when it is made.
     back = Request.from_infotext(text)                       # ... and back: back.request == req
 
 A request is frozen: derive variants with `dataclasses.replace(req, seed=7)`, which validates again.
-Sibling features add their inputs (mask, control images, adapters, hires fix) as fields here, each with
-its check in `__post_init__`, its infotext keys in `_fields_for_infotext` / `from_infotext`, and a stage.
+A feature that adds an input (mask, control images, adapters, a hires pass) adds a field here with its
+check in `__post_init__`, an entry in `INFOTEXT` (how it is written and read back), and a stage.
 """
 
 import dataclasses
 import secrets
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..models.config import VAEConfig
-from ..sampling import SamplerSpec, kept_steps, resolve_sampler
+from ..sampling import SAMPLERS, SamplerSpec, kept_steps, resolve_sampler
 from . import validation
 from .images import Pixels
 from .infotext import format_infotext, parse_infotext
@@ -34,9 +35,6 @@ DEFAULT_GUIDANCE = 7.5          # the value SD 1.5 was tuned around
 DEFAULT_SIZE = 512              # SD 1.5's training size
 DEFAULT_STRENGTH = 0.75         # img2img, as A1111's and diffusers' default
 SD1_DOWNSCALE = VAEConfig().downscale    # pixels per latent pixel; the pipeline re-checks its own VAE's
-
-# Infotext keys that describe the model or the image, not a setting: read back as information.
-INFORMATIONAL = ("Model", "Model hash", "VAE", "VAE hash", "Batch pos", "Version")
 
 
 def random_seed() -> int:
@@ -56,7 +54,7 @@ class Request:
     """One txt2img or img2img generation. Every field is checked when the request is made."""
     prompt: str | tuple[str, ...]
     negative_prompt: str | tuple[str, ...] = ""
-    width: int | None = None            # None: DEFAULT_SIZE, or the init image's width
+    width: int | None = None            # None: DEFAULT_SIZE, or (img2img) the init image's width; see `size`
     height: int | None = None
     steps: int = DEFAULT_STEPS
     sampler: str = DEFAULT_SAMPLER      # any spelling; kept as the canonical name ("dpmpp_2m_karras")
@@ -66,7 +64,7 @@ class Request:
     batch_size: int = 1                 # images per prompt
     init_image: Pixels | None = None    # img2img; a PIL image, path or tensor is converted (see Pixels)
     strength: float | None = None       # img2img: share of the schedule re-run; None: DEFAULT_STRENGTH (1 without image)
-    latents: torch.Tensor | None = None  # replaces the seeded initial noise, [images, 4, height/8, width/8]
+    latents: torch.Tensor | None = None  # txt2img: replaces the seeded initial noise, [images, 4, height/8, width/8]
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -79,43 +77,45 @@ class Request:
         set_("sampler", spec.name)
         if not isinstance(self.sampler_options, Mapping):
             raise ValueError(f"sampler_options must be a mapping such as {{'eta': 0.5}}, got {self.sampler_options!r}")
-        checked = spec.check_options(self.sampler_options)
-        defaults = {o.name: o.default for o in spec.options}
-        set_("sampler_options", types.MappingProxyType({k: v for k, v in checked.items() if v != defaults[k]}))
+        set_("sampler_options", types.MappingProxyType(spec.check_options(self.sampler_options, keep_defaults=False)))
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
         validation.check_batch(self.batch_size)
         validation.check_batch(self.num_images, "images in one batch (prompts x batch size)")
-
+        if self.init_image is None and self.strength not in (None, 1, 1.0):
+            raise ValueError(f"strength {self.strength} needs an init image; txt2img runs the whole schedule")
+        if self.strength is None:
+            set_("strength", 1.0 if self.init_image is None else DEFAULT_STRENGTH)
+        kept_steps(self.steps, self.strength)               # steps and strength, before any image is read
+        set_("strength", float(self.strength))
         if self.init_image is None:
-            set_("strength", 1.0 if self.strength is None else self.strength)
-            kept_steps(self.steps, self.strength)
-            if self.strength != 1:
-                raise ValueError(f"strength {self.strength} needs an init image; txt2img runs the whole schedule")
-            set_("width", DEFAULT_SIZE if self.width is None else self.width)
-            set_("height", DEFAULT_SIZE if self.height is None else self.height)
+            validation.check_size(*self.size, SD1_DOWNSCALE)
+        elif (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height to resize the init image, or neither")
+        elif self.width is not None:
             validation.check_size(self.width, self.height, SD1_DOWNSCALE)
-        else:
-            set_("strength", DEFAULT_STRENGTH if self.strength is None else self.strength)
-            kept_steps(self.steps, self.strength)          # steps and strength before reading the image
-            size = None
-            if self.width is not None or self.height is not None:
-                if self.width is None or self.height is None:
-                    raise ValueError("give both width and height to resize the init image, or neither")
-                validation.check_size(self.width, self.height, SD1_DOWNSCALE)
-                size = (self.width, self.height)
+        if self.init_image is not None:
+            size = None if self.width is None else (self.width, self.height)
             set_("init_image", Pixels.of(self.init_image, size))
-            set_("width", self.init_image.size[0])
-            set_("height", self.init_image.size[1])
             if self.num_images % len(self.init_image):
                 raise ValueError(f"{len(self.init_image)} init images cannot be spread over a batch of "
                                  f"{self.num_images} images")
-        set_("strength", float(self.strength))
-        if self.latents is not None and not isinstance(self.latents, torch.Tensor):
-            raise ValueError(f"latents must be a tensor, got {type(self.latents).__name__}")
+        if self.latents is not None:
+            if not isinstance(self.latents, torch.Tensor):
+                raise ValueError(f"latents must be a tensor, got {type(self.latents).__name__}")
+            if self.init_image is not None:
+                raise ValueError("latents replace txt2img's initial noise; img2img starts from its init image")
+            set_("latents", self.latents.detach().clone())     # the request's own: the caller may reuse theirs
 
     # ---- derived --------------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) the generation runs at: as given, else the init image's, else DEFAULT_SIZE."""
+        if self.init_image is not None:
+            return self.init_image.size
+        return (DEFAULT_SIZE if self.width is None else self.width, DEFAULT_SIZE if self.height is None else self.height)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -141,74 +141,51 @@ class Request:
         return self if self.seed is not None else dataclasses.replace(self, seed=random_seed())
 
     def __eq__(self, other) -> bool:
+        """Equal when they describe the same generation (an unset size equals the size it resolves to)."""
         if type(other) is not type(self):
             return NotImplemented
-        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+        return self.size == other.size and all(
+            _same(getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self) if f.name not in ("width", "height"))
 
     __hash__ = None
+
+    def __reduce__(self):
+        # pickle (worker processes, Ray) through the constructor: checked again on arrival, and the
+        # read-only options mapping travels as a plain dict
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _rebuild, (type(self), values | {"sampler_options": dict(self.sampler_options)})
 
     # ---- infotext -------------------------------------------------------------------------------------
 
     def infotext(self, index: int = 0, model: ModelInfo = ModelInfo()) -> str:
         """A1111's infotext of image `index` of this request (its own prompt; the batch position if > 1)."""
         prompts, negatives = self.per_image()
-        return format_infotext(prompts[index], negatives[index], self._fields_for_infotext(index, model))
-
-    def _fields_for_infotext(self, index: int, model: ModelInfo) -> dict[str, object]:
-        spec = self.spec
-        fields = {"Steps": self.steps, "Sampler": spec.label, "Schedule type": spec.schedule_type,
-                  "CFG scale": self.guidance_scale, "Seed": self.seed, "Size": f"{self.width}x{self.height}",
-                  "Model hash": model.hash, "Model": model.name, "VAE": model.vae}
-        if self.init_image is not None:
-            fields["Denoising strength"] = self.strength
-        for option in spec.options:
-            fields[option.infotext] = self.sampler_options.get(option.name)
-        if self.num_images > 1:
-            fields |= {"Batch size": self.num_images, "Batch pos": index}
-        return fields
+        fields: dict[str, object] = {}
+        for codec in INFOTEXT:
+            fields |= codec.write(self, index, model)
+        return format_infotext(prompts[index], negatives[index], fields)
 
     @classmethod
     def from_infotext(cls, text: str, **overrides) -> "FromInfotext":
         """The request an infotext describes (`overrides` replace fields), and what it said besides.
 
-        Reading is lenient where A1111 is: fields sd15 does not use are returned in `unsupported` for
-        the caller to name in a warning. A "Denoising strength" with no init image among the overrides
-        cannot be honoured: it is returned in `unsupported` and the request is txt2img.
+        Reading is lenient where A1111 is: fields sd15 does not apply come back in `unsupported` for the
+        caller to name in a warning (never silently dropped). A "Denoising strength" without an init
+        image among the overrides cannot be honoured: it is reported and the request is txt2img.
+        An A1111 image of a batch carries its own seed (A1111 seeds image i with seed + i), so it reads
+        back as a single image; an sd15 one (sd15 writes no "Version") as the batch it came from, with
+        `batch_pos` saying which of its images the text describes.
         """
         info = parse_infotext(text)
         fields = dict(info.fields)
+        context = _ReadContext(overrides, fields.get("Version"))
         kwargs: dict[str, object] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
-        known = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-                 "Batch size": ("batch_size", int)}
-        for key, (name, kind) in known.items():
-            if key in fields:
-                kwargs[name] = _parse(key, fields.pop(key), kind)
-        if "Size" in fields:
-            kwargs["width"], kwargs["height"] = _parse_size(fields.pop("Size"))
-        if "Sampler" in fields:
-            label, schedule = fields.pop("Sampler"), fields.pop("Schedule type", "Automatic")
-            kwargs["sampler"] = label if schedule.strip().lower() in ("automatic", "") else f"{label} {schedule}"
-        unsupported: dict[str, str] = {}
-        sampler = overrides.get("sampler", kwargs.get("sampler", DEFAULT_SAMPLER))
-        options = {}
-        for option in resolve_sampler(sampler).options:
-            if option.infotext in fields:
-                options[option.name] = _parse(option.infotext, fields.pop(option.infotext), float)
-        if options:
-            kwargs["sampler_options"] = options
-        if "Denoising strength" in fields:
-            strength = fields.pop("Denoising strength")
-            if overrides.get("init_image") is not None:
-                kwargs["strength"] = _parse("Denoising strength", strength, float)
-            else:
-                unsupported["Denoising strength"] = strength
-        extra = {k: fields.pop(k) for k in INFORMATIONAL if k in fields}
-        unsupported |= fields
+        for codec in INFOTEXT:
+            kwargs |= codec.read(fields, context)
         request = cls(**(kwargs | overrides))
-        pos = extra.get("Batch pos")
-        return FromInfotext(request, ModelInfo(extra.get("Model"), extra.get("Model hash"), extra.get("VAE")),
-                            int(pos) if pos is not None and pos.isdigit() else None, extra.get("Version"),
-                            unsupported)
+        return FromInfotext(request, context.model, context.batch_pos, context.version,
+                            context.unsupported | fields, frozenset(info.fields))
 
 
 @dataclass(frozen=True)
@@ -217,7 +194,141 @@ class FromInfotext:
     model: ModelInfo                  # the model the infotext names (not necessarily the one loaded)
     batch_pos: int | None             # which image of the regenerated batch the infotext describes
     version: str | None               # the writer's "Version" field, e.g. A1111's "v1.10.1"
-    unsupported: dict[str, str]       # fields sd15 does not apply: warn about them
+    unsupported: dict[str, str]       # fields sd15 does not apply to this request: warn about them
+    found: frozenset[str] = frozenset()   # every key the settings line had (empty: no settings line)
+
+
+# ---- how each field is written and read back -------------------------------------------------------------
+
+@dataclass
+class _ReadContext:
+    """What reading one infotext gathers besides the request's own fields."""
+    overrides: Mapping[str, object]
+    version: str | None
+    model: ModelInfo = ModelInfo()
+    sampler: str | None = None        # the sampler read (its options are read for it)
+    batch_pos: int | None = None
+    unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def from_a1111(self) -> bool:
+        return self.version is not None        # A1111 and its forks write "Version"; sd15 does not
+
+
+class Codec(NamedTuple):
+    """One request setting in the infotext: `write` gives its keys and values (None: left out), `read`
+    pops the keys it knows from the parsed fields and returns Request keyword arguments."""
+    write: Callable[[Request, int, ModelInfo], dict[str, object]]
+    read: Callable[[dict[str, str], _ReadContext], dict[str, object]]
+
+
+def _number(kind: type, key: str, value: str) -> int | float:
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise ValueError(f"infotext field {key}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _plain(key: str, name: str, kind: type) -> Codec:
+    """A field that is one number of the request."""
+    return Codec(lambda r, i, m: {key: getattr(r, name)},
+                 lambda f, c: {name: _number(kind, key, f.pop(key))} if key in f else {})
+
+
+def _read_sampler(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    label, schedule = fields.pop("Sampler", None), fields.pop("Schedule type", None)
+    if label is None or "sampler" in context.overrides:
+        return {}
+    automatic = schedule is None or schedule.strip().lower() in ("automatic", "")
+    candidates = [label] if automatic else [f"{label} {schedule}", label]
+    for name in candidates:      # "DPM++ 2M" + "Karras", or a pre-1.9 "DPM++ 2M Karras" (+ a redundant "Karras")
+        try:
+            spec = resolve_sampler(name)
+        except ValueError:
+            continue
+        if automatic or name != label or spec.schedule_type.lower() == schedule.strip().lower():
+            context.sampler = spec.name
+            return {"sampler": spec.name}
+    shown = label if automatic else f"{label}, schedule type {schedule}"
+    raise ValueError(f"the infotext's sampler ({shown}) is not one sd15 has; choose one with --sampler "
+                     f"(Python: sampler=): {', '.join(SAMPLERS)}")
+
+
+def _read_options(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    sampler = context.overrides.get("sampler") or context.sampler or DEFAULT_SAMPLER
+    options = {}
+    for option in resolve_sampler(sampler).options:
+        if option.infotext in fields:
+            options[option.name] = _number(float, option.infotext, fields.pop(option.infotext))
+        elif option.legacy_infotext and option.legacy_infotext in fields:    # what older sd15 versions wrote
+            options[option.name] = _number(float, option.legacy_infotext, fields.pop(option.legacy_infotext))
+    return {"sampler_options": options} if options else {}
+
+
+def _read_size(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    if "Size" not in fields:
+        return {}
+    value = fields.pop("Size")
+    width, sep, height = value.strip().partition("x")
+    if not sep:
+        raise ValueError(f"infotext field Size: {value!r} is not WIDTHxHEIGHT")
+    return {"width": _number(int, "Size", width), "height": _number(int, "Size", height)}
+
+
+def _read_model(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    context.model = ModelInfo(fields.pop("Model", None), fields.pop("Model hash", None), fields.pop("VAE", None))
+    fields.pop("VAE hash", None)
+    fields.pop("Version", None)
+    return {}
+
+
+def _read_strength(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    if "Denoising strength" not in fields:
+        return {}
+    value = fields.pop("Denoising strength")
+    if context.overrides.get("init_image") is None:
+        context.unsupported["Denoising strength"] = value      # img2img without its image: cannot be honoured
+        return {}
+    return {"strength": _number(float, "Denoising strength", value)}
+
+
+def _read_batch(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    size, pos = fields.pop("Batch size", None), fields.pop("Batch pos", None)
+    if size is None or context.from_a1111:       # an A1111 image's seed is its own: regenerate it alone
+        return {}
+    context.batch_pos = int(pos) if pos is not None and pos.strip().isdigit() else None
+    return {"batch_size": _number(int, "Batch size", size)}
+
+
+def _write_sampler(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    spec = r.spec
+    return {"Sampler": spec.label, "Schedule type": spec.schedule_type}
+
+
+def _write_options(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    return {option.infotext: r.sampler_options.get(option.name) for option in r.spec.options}
+
+
+def _write_batch(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    return {"Batch size": r.num_images, "Batch pos": i} if r.num_images > 1 else {}
+
+
+# In the order A1111 writes its fields.
+INFOTEXT: tuple[Codec, ...] = (
+    _plain("Steps", "steps", int),
+    Codec(_write_sampler, _read_sampler),
+    _plain("CFG scale", "guidance_scale", float),
+    _plain("Seed", "seed", int),
+    Codec(lambda r, i, m: {"Size": "{}x{}".format(*r.size)}, _read_size),
+    Codec(lambda r, i, m: {"Model hash": m.hash, "Model": m.name, "VAE": m.vae}, _read_model),
+    Codec(lambda r, i, m: {"Denoising strength": r.strength if r.init_image is not None else None}, _read_strength),
+    Codec(_write_options, _read_options),
+    Codec(_write_batch, _read_batch),
+)
+
+
+def _rebuild(cls: type[Request], values: dict) -> Request:
+    return cls(**values)
 
 
 def _same(a, b) -> bool:
@@ -226,17 +337,3 @@ def _same(a, b) -> bool:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return dict(a) == dict(b)
     return a == b
-
-
-def _parse(key: str, value: str, kind: type) -> int | float:
-    try:
-        return kind(value) if kind is not int else int(value.strip())
-    except ValueError:
-        raise ValueError(f"infotext field {key}: {value!r} is not a {kind.__name__}") from None
-
-
-def _parse_size(value: str) -> tuple[int, int]:
-    width, sep, height = value.strip().partition("x")
-    if not sep:
-        raise ValueError(f"infotext field Size: {value!r} is not WIDTHxHEIGHT")
-    return _parse("Size", width, int), _parse("Size", height, int)

@@ -52,7 +52,7 @@ class Run:
     request: Request
     plan: Plan
     noise: NoiseSource
-    latent_shape: tuple[int, int, int, int]     # [images, latent channels, height / f, width / f]
+    latent_shape: tuple[int, int, int, int]     # [images, VAE latent channels, height / f, width / f]
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +63,7 @@ class Conditioning:
 
 @dataclass(frozen=True, eq=False)
 class Start:
-    noise: torch.Tensor                 # initial noise, on the device, in the sampler's dtype
+    initial_noise: torch.Tensor         # on the device, in the sampler's dtype
     x0: torch.Tensor | None = None      # img2img: the clean latents of the init image
 
 
@@ -71,8 +71,9 @@ def prepare(models: Models, request: Request) -> Run:
     """Check what depends on these models (latent size), fix the seed, make the plan. No model work."""
     request = request.with_seed()
     factor, channels = models.vae.cfg.downscale, models.vae.cfg.latent_channels
-    validation.check_size(request.width, request.height, factor)
-    shape = (request.num_images, channels, request.height // factor, request.width // factor)
+    width, height = request.size
+    validation.check_size(width, height, factor)
+    shape = (request.num_images, channels, height // factor, width // factor)
     if request.latents is not None and tuple(request.latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape} for this request, got {tuple(request.latents.shape)}")
     plan = make_plan(request.spec, request.steps, request.strength, request.sampler_options)
@@ -106,7 +107,7 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
     """The sampler over the guided UNet; `progress(step, total, latents)` after each step."""
     model = guided(models.unet, cond.cond, cond.uncond, run.request.guidance_scale)
     x = None
-    for i, x in enumerate(sample(run.plan, model, start.noise, start.x0, source=run.noise), start=1):
+    for i, x in enumerate(sample(run.plan, model, start.initial_noise, start.x0, source=run.noise), start=1):
         if progress is not None:
             progress(i, run.plan.num_steps, x)
     return x

@@ -49,17 +49,19 @@ def encode_distribution(vae: VAE, images: torch.Tensor) -> tuple[torch.Tensor, t
     return vae.encode_distribution(images)
 
 
-# float32 copies of half-precision VAEs that overflowed, kept while the VAE lives
-_FLOAT32_COPIES: "weakref.WeakKeyDictionary[VAE, VAE]" = weakref.WeakKeyDictionary()
+# float32 copies of half-precision VAEs that overflowed, kept while the VAE lives, each with the identity
+# of the parameters it was copied from (a replaced weight, e.g. a merged delta, makes a new copy)
+_FLOAT32_COPIES: "weakref.WeakKeyDictionary[VAE, tuple[tuple[int, ...], VAE]]" = weakref.WeakKeyDictionary()
 _COPY_LOCK = threading.Lock()
 
 
 def float32_copy(vae: VAE) -> VAE:
+    made_from = tuple(id(p) for p in vae.parameters())
     with _COPY_LOCK, torch.inference_mode(False):      # ordinary tensors, like the VAE's own
-        copy_ = _FLOAT32_COPIES.get(vae)
-        if copy_ is None:
-            copy_ = _FLOAT32_COPIES[vae] = copy.deepcopy(vae).float()
-        return copy_
+        entry = _FLOAT32_COPIES.get(vae)
+        if entry is None or entry[0] != made_from:
+            entry = _FLOAT32_COPIES[vae] = (made_from, copy.deepcopy(vae).float())
+        return entry[1]
 
 
 @torch.inference_mode()

@@ -7,10 +7,10 @@ Pure math over tensors: the UNet arrives as a callable; from the models only its
 from .denoiser import Denoiser, EpsModel, ModelCall, predicted_x0
 from .guidance import guided
 from .noise import GeneratorNoise, NoiseSource
-from .plan import Plan, denoise, kept_steps, make_plan, sample, start_latents
+from .plan import Plan, denoise, kept_steps, make_plan, noised, sample, start_latents
 from .registry import SAMPLERS, Option, SamplerSpec, resolve_sampler
 from .schedule import ScheduleConfig
 
 __all__ = ["Denoiser", "EpsModel", "ModelCall", "predicted_x0", "guided", "GeneratorNoise", "NoiseSource", "Plan",
-           "denoise", "kept_steps", "make_plan", "sample", "start_latents", "SAMPLERS", "Option", "SamplerSpec",
-           "resolve_sampler", "ScheduleConfig"]
+           "denoise", "kept_steps", "make_plan", "noised", "sample", "start_latents", "SAMPLERS", "Option",
+           "SamplerSpec", "resolve_sampler", "ScheduleConfig"]

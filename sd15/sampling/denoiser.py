@@ -12,14 +12,19 @@ guidance, an inpainting UNet's extra input channels, latent blending for masks (
 x0 previews, ControlNet or guidance schedules keyed on `call.progress`.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .plan import Plan  # noqa: F401  (annotations)
 from .schedule import timestep_at
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ def predicted_x0(x_in: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.T
 
 class Denoiser:
     """`model` seen by the samplers of one `plan`: `denoiser(x, step)` -> ε for the state x at that step.
+
+    (It returns ε, which every sampler here is written in; Karras' D(x;σ), the x0 prediction, is
+    `predicted_x0` of it.)
 
     x is in the sampler's own view (`plan.sampler.vp`: the VP latent, else x_σ). At the plan's own grid
     points the timestep is the plan's (diffusers' rounding included); a sampler that evaluates between

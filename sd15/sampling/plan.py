@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import math
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,15 +77,19 @@ def make_plan(sampler: SamplerSpec, steps: int, strength: float = 1.0, options: 
                 types.MappingProxyType(checked), schedule)
 
 
+def noised(plan: Plan, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Clean latents x0 noised to σ, in the plan's sampler's view (diffusers' `add_noise`)."""
+    x = x0 + sigma * noise  # x_σ = x0 + σ·ε
+    return x / math.sqrt(sigma * sigma + 1) if plan.sampler.vp else x  # VP: sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε
+
+
 def start_latents(plan: Plan, noise: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
-    """txt2img: noise·init_sigma. img2img: x0 noised to the first kept step (diffusers' add_noise)."""
+    """txt2img: noise·init_sigma. img2img: x0 noised to the first kept step."""
     if x0 is None:
         if plan.strength < 1:
             raise ValueError(f"strength {plan.strength} needs an init image (x0); txt2img uses strength 1")
         return noise * plan.init_sigma
-    s = float(plan.sigmas[0])
-    x = x0 + s * noise  # x_σ = x0 + σ·ε
-    return x / math.sqrt(s * s + 1) if plan.sampler.vp else x  # VP: sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε
+    return noised(plan, x0, noise, float(plan.sigmas[0]))
 
 
 class NoNoise:
@@ -98,20 +102,37 @@ class NoNoise:
         return self.draw(tuple(x.shape))
 
 
-def sample(plan: Plan, model: EpsModel, noise: torch.Tensor, x0: torch.Tensor | None = None, *,
-           source: NoiseSource | None = None) -> Iterator[torch.Tensor]:
+def sample(plan: Plan, model: EpsModel, initial_noise: torch.Tensor, x0: torch.Tensor | None = None, *,
+           source: NoiseSource | None = None,
+           after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Iterate the latents after each step; the last one is the result.
 
-    noise: the initial noise (B,C,h,w) on the device of x0 / the model. x0: clean latents (already
-    ×0.18215) for img2img, None for txt2img. The sampler runs in the dtype of noise (and x0).
+    initial_noise: (B,C,h,w) on the device of x0 / the model. x0: clean latents (already ×0.18215) for
+    img2img, None for txt2img. The sampler runs in the dtype of the noise (and x0).
     source: where per-step noise comes from (ancestral samplers, DDIM with eta > 0).
+    after_step(x, step): may replace the state after each step, before the sampler goes on from it
+    (and before it is yielded here); x is in the sampler's view (see `noised`).
     """
     from .denoiser import Denoiser
-    return plan.sampler.fn(Denoiser(model, plan), start_latents(plan, noise, x0), plan, source or NoNoise(),
-                           **plan.options)
+    steps = plan.sampler.fn(Denoiser(model, plan), start_latents(plan, initial_noise, x0), plan,
+                            source or NoNoise(), **plan.options)
+    return _drive(steps, plan.num_steps, after_step)
 
 
-def denoise(plan: Plan, model: EpsModel, noise: torch.Tensor, x0: torch.Tensor | None = None, *,
+def _drive(steps, count: int, after_step) -> Iterator[torch.Tensor]:
+    """Run a sampler generator: each state (replaced by after_step if given) is yielded and sent back."""
+    x = next(steps)
+    for i in range(count):
+        if after_step is not None:
+            x = after_step(x, i)
+        yield x
+        try:
+            x = steps.send(x)
+        except StopIteration:
+            return
+
+
+def denoise(plan: Plan, model: EpsModel, initial_noise: torch.Tensor, x0: torch.Tensor | None = None, *,
             source: NoiseSource | None = None) -> torch.Tensor:
     """Run `sample` to the end and return the final latents."""
-    return collections.deque(sample(plan, model, noise, x0, source=source), maxlen=1)[0]
+    return collections.deque(sample(plan, model, initial_noise, x0, source=source), maxlen=1)[0]

@@ -27,6 +27,17 @@ class Option:
     high: float
     infotext: str      # A1111's infotext key, e.g. "Eta DDIM"
     help: str
+    legacy_infotext: str | None = None    # a key older sd15 versions wrote, still read
+
+
+# The value at which an option changes nothing for a sampler that does not have it: eta 0 is no added
+# noise, which is what every deterministic sampler does. Such a value is accepted for any sampler (so
+# "eta=0 everywhere" works, as the conveniences' default), any other is an error.
+NEUTRAL = {"eta": 0.0}
+
+
+def _neutral(name: str, value) -> bool:
+    return name in NEUTRAL and isinstance(value, (int, float)) and not isinstance(value, bool) and value == NEUTRAL[name]
 
 
 @dataclass(frozen=True)
@@ -39,10 +50,11 @@ class SamplerSpec:
     vp: bool  # state is the VP latent (True) or x_σ = x0 + σ·ε (False)
     options: tuple[Option, ...] = ()
 
-    def check_options(self, options: Mapping[str, float]) -> dict[str, float]:
-        """Every option of this sampler, `options` checked and the defaults filled in."""
+    def check_options(self, options: Mapping[str, float], keep_defaults: bool = True) -> dict[str, float]:
+        """This sampler's options, `options` checked; with the defaults filled in, or (keep_defaults=False)
+        only those that differ from their default."""
         known = {o.name: o for o in self.options}
-        unknown = sorted(set(options) - set(known))
+        unknown = sorted(k for k, v in options.items() if k not in known and not _neutral(k, v))
         if unknown:
             valid = ", ".join(known) or "none"
             raise ValueError(f"sampler {self.name} has no option {', '.join(unknown)} (its options: {valid})")
@@ -53,11 +65,12 @@ class SamplerSpec:
                     or not option.low <= value <= option.high):
                 raise ValueError(f"{name}={value!r} is not valid for {self.name}: {name} must be a number in "
                                  f"[{option.low:g}, {option.high:g}] ({option.help})")
-            out[name] = float(value)
+            if keep_defaults or value != option.default:
+                out[name] = float(value)
         return out
 
 
-ETA_DDIM = Option("eta", 0.0, 0.0, 1.0, "Eta DDIM", "0 deterministic, 1 DDPM-like noise")
+ETA_DDIM = Option("eta", 0.0, 0.0, 1.0, "Eta DDIM", "0 deterministic, 1 DDPM-like noise", legacy_infotext="Eta")
 
 SAMPLERS = {s.name: s for s in (
     SamplerSpec("ddim", "DDIM", "Automatic", sample_ddim, grids.ddim_grid, vp=True, options=(ETA_DDIM,)),

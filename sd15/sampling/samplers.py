@@ -1,6 +1,6 @@
 """Samplers: pure functions that walk a plan, yielding the latents after each step.
 
-Every sampler has one signature, `fn(model, x, plan, noise, **options) -> Iterator[Tensor]`:
+Every sampler has one signature, `fn(model, x, plan, noise, **options) -> Generator[Tensor]`:
   model    a `Denoiser`: model(x, step) -> ε for the state x at that step (input scaling and σ -> t
            happen there, once for all samplers)
   x        the start state (`plan.start_latents`), in the sampler's view (`SamplerSpec.vp`)
@@ -13,13 +13,18 @@ diffusers scheduler's `prev_sample` under the SD1.5 config:
   Euler, Euler a            x_σ = x0 + σ·ε                               (UNet input x_σ / sqrt(σ²+1))
 The math runs in x's dtype: the pipeline keeps x in float32 even for a fp16 UNet.
 
+Each step ends with `x = yield x`: the sampler hands out its state and carries on from the state it is
+sent back, which `plan.sample` sends unchanged or as a caller's `after_step` replaced it (diffusers'
+latent blending for inpainting masks rewrites the state between steps). Drive samplers through
+`plan.sample`: iterating one directly sends None.
+
 A new sampler is one function here and one row in `registry.SAMPLERS`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,12 +35,15 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 
+Steps = Generator[torch.Tensor, torch.Tensor, None]   # yields the state after each step, is sent it back
+
+
 def _abar(sigma: float) -> float:
     return 1.0 / (1.0 + sigma * sigma)  # ᾱ from σ = sqrt((1-ᾱ)/ᾱ)
 
 
 def sample_ddim(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource, *,
-                eta: float = 0.0) -> Iterator[torch.Tensor]:
+                eta: float = 0.0) -> Steps:
     """DDIM, Song et al. 2021 eq. 12, with σ_t(η) from eq. 16."""
     for i, _t, s, s_next in plan.steps():
         a, a_next = _abar(s), _abar(s_next)
@@ -45,10 +53,10 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource
         x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next - std**2) * eps  # "direction pointing to x_t"
         if eta > 0:
             x = x + std * noise.step(x, s, s_next)  # "random noise"
-        yield x
+        x = yield x
 
 
-def sample_ddpm(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Iterator[torch.Tensor]:
+def sample_ddpm(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Steps:
     """DDPM ancestral sampling, Ho et al. 2020: x0 from eq. 15, posterior mean/variance eq. 6-7 (β̃_t)."""
     for i, t, s, s_prev in plan.steps():
         a, a_prev = _abar(s), _abar(s_prev)
@@ -59,28 +67,28 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource
         if t > 0:  # diffusers draws at every t > 0, even where β̃ is ~0 (clamped to 1e-20)
             variance = max((1 - a_prev) / (1 - a) * beta, 1e-20)
             x = x + math.sqrt(variance) * noise.step(x, s, s_prev)
-        yield x
+        x = yield x
 
 
-def sample_euler(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Iterator[torch.Tensor]:
+def sample_euler(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Steps:
     """Euler on dx/dσ = (x − D(x;σ))/σ = ε: Karras et al. 2022 alg. 2, S_churn = 0, no Heun step."""
     for i, _t, s, s_next in plan.steps():
         x = x + (s_next - s) * model(x, i)
-        yield x
+        x = yield x
 
 
 def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, plan: Plan,
-                           noise: NoiseSource) -> Iterator[torch.Tensor]:
+                           noise: NoiseSource) -> Steps:
     """Euler ancestral (k-diffusion): Euler down to σ_down, then fresh noise of std σ_up up to σ_next."""
     for i, _t, s, s_next in plan.steps():
         eps = model(x, i)
         s_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         s_down = math.sqrt(s_next**2 - s_up**2)
         x = x + (s_down - s) * eps + s_up * noise.step(x, s, s_next)
-        yield x
+        x = yield x
 
 
-def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Iterator[torch.Tensor]:
+def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource) -> Steps:
     """DPM-Solver++(2M), Lu et al. 2022 alg. 2, on the VP latent with λ = log(α/σ_vp) = −log σ.
 
     First order on the first step and on the last (σ_next = 0: it returns the x0 prediction),
@@ -102,4 +110,4 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSo
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * prev[0]
             x = (s_next * alpha_next) / (s * alpha) * x - alpha_next * math.expm1(-h) * d
             prev = (denoised, h)
-        yield x
+        x = yield x
