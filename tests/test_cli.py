@@ -228,6 +228,7 @@ ARGUMENT_ERRORS = {
     "out is a file": (["--out", "TEXT"], "exists and is not a folder"),
     "out under a file": (["--out", "TEXT/sub"], "cannot create output folder"),   # ENOTDIR, even for root
     "out not png": (["--out", "picture.jpg"], "sd15 writes PNG files"),
+    "demo with a vae": (["--demo", "--vae", "INIT"], "drop --vae"),
     "device unknown": (["--device", "banana"], "not a device torch knows"),
     "device absent": (["--device", "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"],
                       "CUDA is not available here|CUDA devices"),

@@ -125,6 +125,8 @@ def read_infotext(path: Path) -> str:
 def check_files(args) -> None:
     """Files and the device, checked before anything loads."""
     check_device(args.device)
+    if args.demo and args.vae is not None:
+        raise ValueError("--demo runs its own tiny model, whose VAE no real VAE file fits; drop --vae")
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():
