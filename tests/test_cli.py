@@ -31,7 +31,8 @@ from sd15.sampling import SAMPLERS
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
            "--eta", "--seed", "--width", "--height", "--batch-size", "--init-image", "--strength", "--out",
-           "--device", "--dtype", "--compile", "--quiet", "--from-png"]
+           "--device", "--dtype", "--compile", "--quiet", "--from-png", "--clip-skip", "--plain-prompt",
+           "--embeddings-dir"]
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +230,8 @@ ARGUMENT_ERRORS = {
     "out under a file": (["--out", "TEXT/sub"], "cannot create output folder"),   # ENOTDIR, even for root
     "out not png": (["--out", "picture.jpg"], "sd15 writes PNG files"),
     "demo with a vae": (["--demo", "--vae", "INIT"], "drop --vae"),
+    "clip skip 0": (["--clip-skip", "0"], "clip_skip must be an integer from 1"),
+    "missing embeddings dir": (["--embeddings-dir", "MISSING"], "embeddings folder .* does not exist"),
     "device unknown": (["--device", "banana"], "not a device torch knows"),
     "device absent": (["--device", "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"],
                       "CUDA is not available here|CUDA devices"),
@@ -423,7 +426,7 @@ def test_from_png_regenerates_the_same_image_and_takes_overrides(ckpt, tmp_path,
 A1111_TEXT = ("masterpiece, (a red fox:1.2) in snow\n"
               "Negative prompt: lowres, bad hands\n"
               "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 32x40, "
-              "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, ENSD: 31337, "
+              "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, ENSD: 31337, "
               'Lora hashes: "add_detail: 7c6bd4a8f1a2", Version: v1.10.1')
 
 
@@ -445,8 +448,9 @@ def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path,
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.name == "sd15"]
     (unsupported,) = [w for w in warnings if "not applied" in w]
-    for field in ("Clip skip: 2", "ENSD: 31337", "Lora hashes: add_detail: 7c6bd4a8f1a2"):
+    for field in ("Hires upscale: 2", "ENSD: 31337", "Lora hashes: add_detail: 7c6bd4a8f1a2"):
         assert field in unsupported, unsupported
+    assert "Clip skip" not in unsupported                                      # that one is applied
     assert "Version" not in unsupported and "Model" not in unsupported
     (model,) = [w for w in warnings if "made with model" in w]                   # another model made it
     assert "v1-5-pruned-emaonly [6ce0161689]" in model and "tiny-model_v1" in model
@@ -454,6 +458,7 @@ def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path,
     assert (prompt, negative) == ("masterpiece, (a red fox:1.2) in snow", "lowres, bad hands")
     assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == (
         "3", "Euler a", "7.0", "1234", "32x40")
+    assert fields["Clip skip"] == "2"
     assert Image.open(out).size == (32, 40)
 
 
@@ -491,3 +496,37 @@ def test_the_demo_checkpoint_is_the_same_file_every_time(tmp_path):
     from sd15.models.demo import write_demo_checkpoint
     first, second = (write_demo_checkpoint(tmp_path / f"{i}.safetensors").read_bytes() for i in (1, 2))
     assert first == second
+
+
+# ---- the prompt language on the command line ------------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_clip_skip_plain_prompt_and_embeddings(ckpt, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              str(folder / "tinystyle.safetensors"))
+    monkeypatch.setenv("SD15_EMBEDDINGS", str(folder))
+    runs = {}
+    for name, extra in {"plain": [], "skip2": ["--clip-skip", 2], "literal": ["--plain-prompt"]}.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = run_in_process(["--ckpt", ckpt, "--prompt", "a (fox:1.3), tinystyle", "--seed", 3,
+                                       *SMALL_RUN, *extra, "--out", out], capsys)
+        assert code == 0, err
+        runs[name] = (np.asarray(Image.open(out)), parse_parameters(read_parameters(out))[2])
+    digest = hashlib.sha256((folder / "tinystyle.safetensors").read_bytes()).hexdigest()[:12]
+    assert runs["plain"][1]["TI hashes"] == f"tinystyle: {digest}"                  # found via $SD15_EMBEDDINGS
+    assert "Clip skip" not in runs["plain"][1] and runs["skip2"][1]["Clip skip"] == "2"
+    assert runs["literal"][1]["Emphasis"] == "None"
+    assert not np.array_equal(runs["plain"][0], runs["skip2"][0])
+    assert not np.array_equal(runs["plain"][0], runs["literal"][0])
+
+
+def test_the_prompt_tool(capsys):
+    from sd15.cli.prompt import main as prompt_main
+    assert prompt_main(["a (red:1.5) car [old:new:3] BREAK x <lora:a:1>", "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "tags (removed): <lora:a:1>" in out and "steps up to 3:" in out and "'red' x1.5" in out
+    assert "chunk 1: 1/75 tokens" in out
+    assert prompt_main(["x", "--embeddings-dir", "/no/such/dir"]) == 2

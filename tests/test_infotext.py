@@ -222,9 +222,11 @@ def test_a1111_hires_infotext_with_unsupported_fields():
     assert r.init_image is None and r.strength == 1.0
     # Everything sd15 cannot apply comes back, values unquoted, none dropped.
     assert back.unsupported == {
-        "Denoising strength": "0.5", "Clip skip": "2", "ENSD": "31337", "Face restoration": "CodeFormer",
+        "Denoising strength": "0.5", "ENSD": "31337", "Face restoration": "CodeFormer",
         "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent",
-        "Lora hashes": "add_detail: 7c6bd4a8f1a2", "TI hashes": "easynegative: c74b4e810b03", "Emphasis": "No norm"}
+        "Lora hashes": "add_detail: 7c6bd4a8f1a2", "Emphasis": "No norm"}
+    # Clip skip is applied; TI hashes say which embeddings the image used (information).
+    assert r.clip_skip == 2 and back.ti_hashes == {"easynegative": "c74b4e810b03"}
     # Model, hashes and version are information, not unsupported settings.
     assert back.model == ModelInfo("v1-5-pruned-emaonly", "6ce0161689", "vae-ft-mse-840000-ema-pruned.safetensors")
     assert back.version == "v1.10.1" and back.batch_pos is None
@@ -332,9 +334,9 @@ def test_fields_after_an_unparsable_segment_are_not_dropped():
     back = read(a1111(
         "a cat",
         'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, '
-        'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, Clip skip: 2, Version: v1.10.1'))
+        'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, ENSD: 31337, Version: v1.10.1'))
     assert "Hashes" in back.unsupported
-    assert back.unsupported.get("Clip skip") == "2"
+    assert back.unsupported.get("ENSD") == "31337"
     assert back.version == "v1.10.1"
 
 
@@ -497,8 +499,8 @@ def test_eta_as_older_sd15_versions_wrote_it():
 
 def test_a_flat_json_value_is_read_whole():
     back = read('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, '
-                'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, Clip skip: 2')
-    assert back.unsupported == {"Hashes": '{"model": "6ce0161689", "vae": "735e4c3a44"}', "Clip skip": "2"}
+                'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, ENSD: 31337')
+    assert back.unsupported == {"Hashes": '{"model": "6ce0161689", "vae": "735e4c3a44"}', "ENSD": "31337"}
 
 
 def test_windows_line_endings():

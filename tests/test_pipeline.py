@@ -91,20 +91,27 @@ def test_progress_img2img_counts_only_the_steps_that_run(pipe):
     assert calls == [(i, 4) for i in (1, 2, 3, 4)]                   # int(8 · 0.5) steps
 
 
-# ---- prompt truncation ---------------------------------------------------------------------------
+# ---- long prompts: chunked, never cut ------------------------------------------------------------
 
-def test_long_prompt_logs_what_was_cut(pipe, caplog):
-    prompt = " ".join(["cat"] * 75 + ["purple", "elephant"])
+def test_long_prompt_is_chunked_not_cut(pipe, caplog):
+    """77 prompt tokens: two 77-token chunks, nothing dropped and nothing to warn about; the words past the
+    first 75 change the picture (they used to be cut)."""
+    long = " ".join(["cat"] * 75 + ["purple", "elephant"])
     with caplog.at_level(logging.WARNING, logger="sd15"):
-        pipe.txt2img(prompt, seed=1, **SMALL)
-    messages = [r.getMessage() for r in caplog.records if r.name == "sd15"]
-    assert len(messages) == 1 and "'purple elephant'" in messages[0]
-
-
-def test_short_prompt_logs_nothing(pipe, caplog):
-    with caplog.at_level(logging.WARNING, logger="sd15"):
-        pipe.txt2img(" ".join(["cat"] * 75), seed=1, **SMALL)          # exactly fills BOS + 75 + EOS
+        images = pipe.txt2img(long, seed=1, **SMALL)
     assert not [r for r in caplog.records if r.name == "sd15"]
+    states = pipe.encode_prompts([long]).cond[0][0][1].at(0)
+    assert states.shape[0] == 154
+    cut = pipe.txt2img(" ".join(["cat"] * 75), seed=1, **SMALL)
+    assert not np.array_equal(pixels(images), pixels(cut))
+
+
+def test_extra_network_tags_are_removed_and_named(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="sd15"):
+        tagged = pipe.txt2img("a cat <lora:style:0.8>", seed=1, **SMALL)[0]
+    assert any("<lora:style:0.8>" in r.getMessage() for r in caplog.records if r.name == "sd15")
+    assert np.array_equal(np.asarray(tagged), np.asarray(pipe.txt2img("a cat ", seed=1, **SMALL)[0]))
+    assert tagged.info["parameters"].startswith("a cat <lora:style:0.8>\n")     # the prompt keeps its tag
 
 
 # ---- validation before any model work ------------------------------------------------------------

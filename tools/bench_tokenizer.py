@@ -7,6 +7,9 @@ import argparse
 import random
 import time
 
+from sd15.conditioning.chunks import tokenize
+from sd15.conditioning.editing import prompt_schedule
+from sd15.conditioning.prompts import split_and, split_tags
 from sd15.conditioning.tokenizer import CLIPTokenizer
 
 SUBJECTS = ["a cat", "an old man", "a castle on a hill", "a dragon", "a girl with red hair", "a robot",
@@ -47,6 +50,16 @@ def main() -> None:
 
     print(f"encode, cold: {rate(encode_all, prompts):8.0f} prompts/s")
     print(f"encode, warm: {rate(encode_all, prompts):8.0f} prompts/s")
+    def prompt_language(ps):      # what the conditioning stage does before CLIP: tags, AND, editing, emphasis, chunks
+        for p in ps:
+            text, _tags = split_tags(p)
+            for part, _weight in split_and(text):
+                for _last, variant in prompt_schedule(part, 25):
+                    tokenize(variant, tok)
+
+    tok._word_ids.cache_clear()
+    print(f"prompt language -> chunks, cold: {rate(prompt_language, prompts):8.0f} prompts/s")
+    print(f"prompt language -> chunks, warm: {rate(prompt_language, prompts):8.0f} prompts/s")
     tok._word_ids.cache_clear()
     print(f"tok(batch) -> LongTensor [B,77], cold: {rate(tok, prompts):8.0f} prompts/s")
     print(f"tok(batch) -> LongTensor [B,77], warm: {rate(tok, prompts):8.0f} prompts/s")

@@ -21,13 +21,15 @@ from ..pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, 
 from ..sampling.registry import SAMPLERS
 
 CKPT_ENV = "SD15_CKPT"
+EMBEDDINGS_ENV = "SD15_EMBEDDINGS"
 log = logging.getLogger("sd15")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 # command-line option (argparse dest) -> Request field; each defaults to None, meaning "the request's default"
 REQUEST_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
                   "cfg_scale": "guidance_scale", "sampler": "sampler", "seed": "seed", "width": "width",
-                  "height": "height", "batch_size": "batch_size", "init_image": "init_image", "strength": "strength"}
+                  "height": "height", "batch_size": "batch_size", "init_image": "init_image", "strength": "strength",
+                  "clip_skip": "clip_skip"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float,
                    help=f"img2img: how much of the schedule to re-run, in (0, 1] (default {DEFAULT_STRENGTH}); "
                         "1 ignores the image's content")
+    p.add_argument("--clip-skip", type=int,
+                   help="A1111's clip skip: 1 = the text encoder's last layer (default), 2 = the one before "
+                        "(what most anime fine-tunes expect; diffusers calls it clip_skip=1)")
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="take the prompts literally: no emphasis (brackets), BREAK, prompt editing, AND or "
+                        "<tag> removal (long prompts are still encoded whole)")
+    p.add_argument("--embeddings-dir", action="append", metavar="DIR",
+                   help=f"folder of textual-inversion embeddings (.pt/.bin/.safetensors; the trigger word is the "
+                        f"file name); repeatable; default ${EMBEDDINGS_ENV}")
     p.add_argument("--out", default="outputs",
                    help="output folder (created if missing; files NNNNN-SEED.png) or a .png file name "
                         "(default: outputs)")
@@ -91,6 +102,8 @@ def build_request(args):
     """The Request the arguments describe (with `--from-png`: the PNG's, overridden by the arguments given),
     and the read-back details of the PNG (None without it)."""
     given = {field: getattr(args, dest) for dest, field in REQUEST_FIELDS.items() if getattr(args, dest) is not None}
+    if args.plain_prompt:
+        given["prompt_syntax"] = "plain"
     options = {name: getattr(args, f"option_{name}") for name in sampler_options()
                if getattr(args, f"option_{name}") is not None}
     if options:
@@ -127,12 +140,21 @@ def check_files(args) -> None:
     check_device(args.device)
     if args.demo and args.vae is not None:
         raise ValueError("--demo runs its own tiny model, whose VAE no real VAE file fits; drop --vae")
+    for folder in embedding_dirs(args):
+        if not Path(folder).is_dir():
+            raise ValueError(f"embeddings folder {folder} does not exist or is not a folder")
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():
         raise ValueError(f"checkpoint {args.ckpt} does not exist")
     if args.vae is not None and not Path(args.vae).exists():
         raise ValueError(f"VAE file {args.vae} does not exist")
+
+
+def embedding_dirs(args) -> list[str]:
+    if args.embeddings_dir:
+        return args.embeddings_dir
+    return [d for d in os.environ.get(EMBEDDINGS_ENV, "").split(os.pathsep) if d]
 
 
 def check_device(name: str | None) -> None:
@@ -191,12 +213,20 @@ def load_pipeline(args, tmp: Path):
         ckpt = write_demo_checkpoint(tmp / "tiny-random-demo.safetensors")
         print("DEMO: tiny random-weight checkpoint; the image will be noise. "
               "Pass --ckpt with real SD 1.5 weights for real images.", file=sys.stderr)
-        return load(ckpt, device=args.device, dtype=dtype)
-    return load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema)
+        return load(ckpt, device=args.device, dtype=dtype, embedding_dirs=embedding_dirs(args))
+    return load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema,
+                embedding_dirs=embedding_dirs(args))
 
 
 def warn_about_model(back, pipe) -> None:
-    """--from-png on another model than the one that made the image: say so (the picture will differ)."""
+    """--from-png on another model (or embeddings) than the ones that made the image: say so."""
+    for name, used in back.ti_hashes.items():
+        if name not in pipe.embeddings:
+            log.warning("the PNG used the embedding %s [%s], which is not loaded (--embeddings-dir): its name "
+                        "is read as words", name, used)
+        elif pipe.embeddings[name].hash != used:
+            log.warning("the PNG used the embedding %s [%s]; the loaded one is [%s]", name, used,
+                        pipe.embeddings[name].hash)
     made_with = back.model
     if made_with.hash and pipe.model_hash and made_with.hash.lower() != pipe.model_hash.lower():
         log.warning("the PNG was made with model %s [%s]; this run uses %s [%s], so expect a different picture",

@@ -164,6 +164,27 @@ class Inert:
         return f"<inert {self.qualified_name}>"
 
 
+class ParameterDictState(Inert):
+    """Stands in for `torch.nn.ParameterDict`, which old textual-inversion files (the original LDM code's
+    `string_to_param`) pickle whole: nothing of the module is built or run, only the parameters the
+    pickle's state holds are kept, in `parameters`."""
+
+    qualified_name = "torch.nn.modules.container.ParameterDict"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.parameters: dict[str, object] = {}
+
+    def __new__(cls, *args: object, **kwargs: object) -> "ParameterDictState":
+        obj = object.__new__(cls)
+        obj.parameters = {}
+        return obj
+
+    def __setstate__(self, state: object) -> None:
+        params = state.get("_parameters") if isinstance(state, dict) else None
+        if isinstance(params, dict):
+            self.parameters = {str(k): v for k, v in params.items()}
+
+
 class StorageRef:
     """A validated storage from the archive: dtype, number of elements, and the untyped bytes."""
 
@@ -273,6 +294,7 @@ _FUNCTIONS = {
     ("torch", "Size"): _torch_size,
     ("torch", "Tensor"): _TensorTypeMarker,
     ("torch.nn.parameter", "Parameter"): _TensorTypeMarker,
+    ("torch.nn.modules.container", "ParameterDict"): ParameterDictState,
 }
 # Harmless metadata: rebuilt as inert placeholders (never imported).
 _INERT_EXACT = {

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..conditioning import CLIPTokenizer, encode_prompts
+from ..conditioning import CLIPTokenizer
+from ..conditioning.embeddings import Embedding, Embeddings
+from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
 from ..files.hashing import sha256_short
 from ..models.blocks import active_deltas
 from ..models.text_encoder import TextEncoder
@@ -38,8 +40,13 @@ class Pipeline:
     checkpoint_path: Path | None = None
     vae_path: Path | None = None
     quirks: list[str] = field(default_factory=list)
+    embeddings: Embeddings | None = None        # textual-inversion embeddings by trigger word (see add_embedding)
     _hash: str | None = field(default=None, init=False, repr=False)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.embeddings is None:
+            self.embeddings = Embeddings(self.tokenizer, self.text_encoder.cfg.width)
 
     # ---- generation -------------------------------------------------------------------------------
 
@@ -58,7 +65,7 @@ class Pipeline:
             start = stages.initial_latents(self, run)
             latents = stages.denoise(self, run, cond, start, progress)
             pixels = stages.decode(self, latents)
-        return stages.annotate(pixels, run, self.model_info)
+        return stages.annotate(pixels, run, self.model_info, cond)
 
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -95,9 +102,18 @@ class Pipeline:
 
     # ---- building blocks --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text states [B, 77, 768]; prompts past CLIP's 75 tokens are cut, and the log says what was cut."""
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None = None, *, steps: int = 1,
+                       clip_skip: int = 1, syntax: str = "a1111", guidance_scale: float = 7.5) -> Conditioning:
+        """The conditioning stage on its own, to inspect: per prompt its AND parts and, step by step, their
+        states [77·k, width] (`.at(step)`), the negatives' (None for guidance 1), the embeddings used."""
+        negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        return encode_conditioning(PromptEncoder(self.tokenizer, self.text_encoder, self.embeddings), prompts,
+                                   negatives, steps=steps, clip_skip=clip_skip, syntax=syntax,
+                                   guidance_scale=guidance_scale)
+
+    def add_embedding(self, path, name: str | None = None) -> Embedding:
+        """Make a textual-inversion file's trigger word (its file name, or `name`) usable in prompts."""
+        return self.embeddings.add_file(path, name)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> images in about [-1, 1]; large images are decoded in tiles, and a fp16 VAE

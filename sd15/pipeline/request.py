@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..conditioning.prompts import SYNTAXES
 from ..models.config import VAEConfig
 from ..sampling import SAMPLERS, SamplerSpec, kept_steps, resolve_sampler
 from . import validation
@@ -65,6 +66,8 @@ class Request:
     init_image: Pixels | None = None    # img2img; a PIL image, path or tensor is converted (see Pixels)
     strength: float | None = None       # img2img: share of the schedule re-run; None: DEFAULT_STRENGTH (1 without image)
     latents: torch.Tensor | None = None  # txt2img: replaces the seeded initial noise, [images, 4, height/8, width/8]
+    clip_skip: int = 1                  # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before
+    prompt_syntax: str = "a1111"        # "a1111": emphasis, BREAK, prompt editing, AND, tags; "plain": literal text
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -78,6 +81,9 @@ class Request:
         if not isinstance(self.sampler_options, Mapping):
             raise ValueError(f"sampler_options must be a mapping such as {{'eta': 0.5}}, got {self.sampler_options!r}")
         set_("sampler_options", types.MappingProxyType(spec.check_options(self.sampler_options, keep_defaults=False)))
+        validation.check_clip_skip(self.clip_skip)
+        if self.prompt_syntax not in SYNTAXES:
+            raise ValueError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {self.prompt_syntax!r}")
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
@@ -158,11 +164,14 @@ class Request:
 
     # ---- infotext -------------------------------------------------------------------------------------
 
-    def infotext(self, index: int = 0, model: ModelInfo = ModelInfo()) -> str:
-        """A1111's infotext of image `index` of this request (its own prompt; the batch position if > 1)."""
+    def infotext(self, index: int = 0, model: ModelInfo = ModelInfo(), extra: Mapping[str, object] = {}) -> str:
+        """A1111's infotext of image `index` of this request (its own prompt; the batch position if > 1).
+        `extra`: fields only the generation knows (e.g. "TI hashes"), written before the batch fields."""
         prompts, negatives = self.per_image()
         fields: dict[str, object] = {}
         for codec in INFOTEXT:
+            if codec.write is _write_batch:
+                fields |= extra
             fields |= codec.write(self, index, model)
         return format_infotext(prompts[index], negatives[index], fields)
 
@@ -185,7 +194,7 @@ class Request:
             kwargs |= codec.read(fields, context)
         request = cls(**(kwargs | overrides))
         return FromInfotext(request, context.model, context.batch_pos, context.version,
-                            context.unsupported | fields, frozenset(info.fields))
+                            context.unsupported | fields, frozenset(info.fields), context.ti_hashes)
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ class FromInfotext:
     version: str | None               # the writer's "Version" field, e.g. A1111's "v1.10.1"
     unsupported: dict[str, str]       # fields sd15 does not apply to this request: warn about them
     found: frozenset[str] = frozenset()   # every key the settings line had (empty: no settings line)
+    ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)   # embedding name -> hash the image used
 
 
 # ---- how each field is written and read back -------------------------------------------------------------
@@ -208,6 +218,7 @@ class _ReadContext:
     model: ModelInfo = ModelInfo()
     sampler: str | None = None        # the sampler read (its options are read for it)
     batch_pos: int | None = None
+    ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -300,6 +311,22 @@ def _read_batch(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
     return {"batch_size": _number(int, "Batch size", size)}
 
 
+def _read_ti_hashes(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    value = fields.pop("TI hashes", None)
+    if value:
+        pairs = (item.partition(":") for item in value.split(","))
+        context.ti_hashes = {name.strip(): h.strip() for name, _, h in pairs if name.strip()}
+    return {}
+
+
+def _read_syntax(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    emphasis = fields.get("Emphasis")
+    if emphasis is None or emphasis.strip() != "None":
+        return {}                             # "Original" is ours; other A1111 modes stay unsupported
+    del fields["Emphasis"]
+    return {"prompt_syntax": "plain"}
+
+
 def _write_sampler(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
     spec = r.spec
     return {"Sampler": spec.label, "Schedule type": spec.schedule_type}
@@ -322,6 +349,10 @@ INFOTEXT: tuple[Codec, ...] = (
     Codec(lambda r, i, m: {"Size": "{}x{}".format(*r.size)}, _read_size),
     Codec(lambda r, i, m: {"Model hash": m.hash, "Model": m.name, "VAE": m.vae}, _read_model),
     Codec(lambda r, i, m: {"Denoising strength": r.strength if r.init_image is not None else None}, _read_strength),
+    Codec(lambda r, i, m: {"Clip skip": r.clip_skip if r.clip_skip != 1 else None},
+          lambda f, c: {"clip_skip": _number(int, "Clip skip", f.pop("Clip skip"))} if "Clip skip" in f else {}),
+    Codec(lambda r, i, m: {"Emphasis": "None" if r.prompt_syntax == "plain" else None}, _read_syntax),
+    Codec(lambda r, i, m: {}, _read_ti_hashes),
     Codec(_write_options, _read_options),
     Codec(_write_batch, _read_batch),
 )

@@ -19,6 +19,7 @@ then whatever the sampler draws per step.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,9 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from ..conditioning import encode_prompts
+from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
 from ..models.latents import to_diffusion
 from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, make_plan, sample
+from ..sampling.guidance import guided_by_step, stack_padded
 from . import validation, vae_io
 from .images import tensor_to_pil
 from .request import ModelInfo, Request
@@ -36,6 +38,7 @@ from .request import ModelInfo, Request
 if TYPE_CHECKING:
     from .pipeline import Pipeline as Models     # the stages use its models, device and dtype only
 
+log = logging.getLogger("sd15")
 Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
 
 
@@ -53,12 +56,6 @@ class Run:
     plan: Plan
     noise: NoiseSource
     latent_shape: tuple[int, int, int, int]     # [images, VAE latent channels, height / f, width / f]
-
-
-@dataclass(frozen=True, eq=False)
-class Conditioning:
-    cond: torch.Tensor                  # [images, 77·k, width]
-    uncond: torch.Tensor | None         # the negative prompts' states; None when guidance is off (scale 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,11 +78,15 @@ def prepare(models: Models, request: Request) -> Run:
 
 
 def conditioning(models: Models, run: Run) -> Conditioning:
-    prompts, negatives = run.request.per_image()
-    cond = encode_prompts(models.tokenizer, models.text_encoder, prompts)
-    guidance = run.request.guidance_scale
-    uncond = None if guidance == 1 else encode_prompts(models.tokenizer, models.text_encoder, negatives)
-    return Conditioning(cond, uncond)
+    """The prompts' states per image and step (A1111's prompt language unless the request says "plain")."""
+    r = run.request
+    prompts, negatives = r.per_image()
+    cond = encode_conditioning(PromptEncoder(models.tokenizer, models.text_encoder, models.embeddings), prompts,
+                               negatives, steps=r.steps, clip_skip=r.clip_skip, syntax=r.prompt_syntax,
+                               guidance_scale=r.guidance_scale)
+    for tag in cond.tags:
+        log.warning("%s: extra-network tags are not supported yet; it was removed from the prompt", tag)
+    return cond
 
 
 def initial_latents(models: Models, run: Run) -> Start:
@@ -105,7 +106,13 @@ def initial_latents(models: Models, run: Run) -> Start:
 def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
             progress: Progress | None = None) -> torch.Tensor:
     """The sampler over the guided UNet; `progress(step, total, latents)` after each step."""
-    model = guided(models.unet, cond.cond, cond.uncond, run.request.guidance_scale)
+    scale = run.request.guidance_scale
+    if cond.simple:        # one text per image, no schedule: the batched path diffusers' parity is held to
+        texts, untexts = cond.at(0)
+        model = guided(models.unet, stack_padded([parts[0][1] for parts in texts]),
+                       None if untexts is None else stack_padded(untexts), scale)
+    else:
+        model = guided_by_step(models.unet, cond.at, scale)
     x = None
     for i, x in enumerate(sample(run.plan, model, start.initial_noise, start.x0, source=run.noise), start=1):
         if progress is not None:
@@ -117,10 +124,13 @@ def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
     return vae_io.decode(models.vae, latents)
 
 
-def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo) -> list[Image.Image]:
+def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditioning) -> list[Image.Image]:
     """PIL images, each with `.info["seed"]` and `.info["parameters"]` (its A1111 infotext)."""
     images = tensor_to_pil(pixels)
+    extra = {}
+    if cond.embeddings:             # A1111's form: "name: hash, name: hash"
+        extra["TI hashes"] = ", ".join(f"{e.name}: {e.hash}" for e in cond.embeddings)
     for i, image in enumerate(images):
         image.info["seed"] = run.request.seed
-        image.info["parameters"] = run.request.infotext(i, model)
+        image.info["parameters"] = run.request.infotext(i, model, extra)
     return images

@@ -38,6 +38,12 @@ def check_batch(batch_size: int, what: str = "batch size") -> None:
         raise ValueError(f"{what} must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
 
 
+def check_clip_skip(clip_skip) -> None:
+    if not _is_int(clip_skip) or not 1 <= clip_skip <= 12:
+        raise ValueError(f"clip_skip must be an integer from 1 (the last layer, the default) to 12, got {clip_skip!r}"
+                         " (A1111's numbering: 2 is diffusers' clip_skip=1)")
+
+
 def check_seed(seed) -> None:
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")

@@ -52,3 +52,50 @@ def guided(unet: UNetFn, cond: torch.Tensor, uncond: torch.Tensor | None, scale:
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + scale * (eps_cond - eps_uncond)
     return batched
+
+
+# per image: its prompt parts as (weight, states [N, width]); and per image the negative's states (or None)
+StepTexts = tuple[list[list[tuple[float, torch.Tensor]]], "list[torch.Tensor] | None"]
+
+
+def stack_padded(states: list[torch.Tensor]) -> torch.Tensor:
+    """[N_i, width] tensors as one [len, max N, width] batch, shorter ones padded by repeating their last
+    vector (A1111's `stack_conds`, for batch entries and AND parts of different lengths)."""
+    longest = max(s.shape[0] for s in states)
+    return torch.stack([s if s.shape[0] == longest else torch.cat([s, s[-1:].expand(longest - s.shape[0], -1)])
+                        for s in states])
+
+
+def guided_by_step(unet: UNetFn, texts_at: Callable[[int], StepTexts], scale: float) -> EpsModel:
+    """Guidance whose text states depend on the step (prompt editing) and may have several weighted parts
+    per image (A1111's AND): ε = ε_uncond + Σ_j w_j·scale·(ε_cond_j − ε_uncond), A1111's `combine_denoised`
+    in ε form. Conditional rows are one UNet batch, the unconditional rows another (one call when their
+    lengths agree). With a single part of weight 1 per image this is `guided`'s formula."""
+    def model(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        cond, uncond = texts_at(call.step)
+        owners = [i for i, parts in enumerate(cond) for _ in parts]
+        weights = [w for parts in cond for w, _ in parts]
+        cond_batch = stack_padded([s for parts in cond for _, s in parts])
+        dtype = cond_batch.dtype
+        x_cond = x[owners].to(dtype)
+        if uncond is None:
+            eps = unet(x_cond, batch_timesteps(call.t, len(owners), x.device), cond_batch).to(x.dtype)
+            return _weighted_sum(eps, owners, weights, len(x))
+        uncond_batch = stack_padded(uncond)
+        if uncond_batch.shape[1] == cond_batch.shape[1]:
+            both = unet(torch.cat([x.to(dtype), x_cond]), batch_timesteps(call.t, len(x) + len(owners), x.device),
+                        torch.cat([uncond_batch, cond_batch])).to(x.dtype)
+            eps_uncond, eps_cond = both[:len(x)], both[len(x):]
+        else:
+            eps_cond = unet(x_cond, batch_timesteps(call.t, len(owners), x.device), cond_batch).to(x.dtype, copy=True)
+            eps_uncond = unet(x.to(dtype), batch_timesteps(call.t, len(x), x.device), uncond_batch).to(x.dtype)
+        return eps_uncond + _weighted_sum(eps_cond - eps_uncond[owners], owners, [w * scale for w in weights], len(x))
+    return model
+
+
+def _weighted_sum(rows: torch.Tensor, owners: list[int], weights: list[float], images: int) -> torch.Tensor:
+    """Σ over each image's rows of weight·row."""
+    out = torch.zeros((images, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    for row, (owner, weight) in enumerate(zip(owners, weights)):
+        out[owner] += weight * rows[row]
+    return out
