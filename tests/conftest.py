@@ -28,6 +28,15 @@ def tiny_models(tiny_state_dict):
     return reference_models(tiny_state_dict, TINY), engine_models(tiny_state_dict, TINY)
 
 
+@pytest.fixture(scope="session")
+def reference_tokenizer_files(tmp_path_factory) -> tuple[str, str]:
+    """vocab.json / merges.txt for transformers' CLIPTokenizer (the hub's openai/clip-vit-large-patch14
+    files), derived from the bundled merges file; a fresh ReferenceTokenizer(*files) per test that mutates it."""
+    from tools.make_tokenizer_golden import derive_vocab_and_merges
+    vocab, merges, _ = derive_vocab_and_merges(tmp_path_factory.mktemp("tokenizer"))
+    return str(vocab), str(merges)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread runs them many times faster than two on a small, shared CPU

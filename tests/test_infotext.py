@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sd15.pipeline.infotext import format_infotext, parse_infotext, quote
+from sd15.pipeline.infotext import format_infotext, parse_infotext
 from sd15.pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, FromInfotext, ModelInfo, Request
 from sd15.sampling.registry import SAMPLERS
 

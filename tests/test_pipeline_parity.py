@@ -40,7 +40,6 @@ from reference import FULL, SCHEDULERS, engine_models, reference_models, referen
 from sd15.models.latents import LATENT_SCALE
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict
-from tools.make_tokenizer_golden import derive_vocab_and_merges
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
@@ -63,10 +62,9 @@ def ours(tiny_ckpt_file):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer(reference_tokenizer_files):
     """transformers' CLIPTokenizer with the hub's openai/clip-vit-large-patch14 vocab, derived locally."""
-    vocab, merges, _ = derive_vocab_and_merges(tmp_path_factory.mktemp("tokenizer"))
-    return ReferenceTokenizer(str(vocab), str(merges), model_max_length=77)
+    return ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77)
 
 
 @pytest.fixture(scope="module")

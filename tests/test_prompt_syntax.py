@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from sd15.conditioning.chunks import CHUNK, tokenize
+from sd15.conditioning.chunks import tokenize
 from sd15.conditioning.editing import Stray, parse, prompt_schedule, text_at_step
 from sd15.conditioning.embeddings import Embedding, Embeddings
 from sd15.conditioning.emphasis import parse_emphasis

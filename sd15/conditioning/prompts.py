@@ -27,7 +27,7 @@ import torch
 
 from ..models.text_encoder import TextEncoder
 from .chunks import Chunk, Tokenized, empty_chunk, tokenize
-from .editing import prompt_schedule, text_at_step
+from .editing import prompt_schedule
 from .embeddings import Embedding, Embeddings
 from .tokenizer import CLIPTokenizer
 
