@@ -133,3 +133,16 @@ def test_transformers5_agrees_where_it_should(tok):
     assert len(safe) > 150
     wrong = [p for p in safe if theirs(p)["input_ids"] != CASES[p]]
     assert not wrong, wrong[:5]
+
+
+def test_ftfy_leaves_printable_ascii_without_ampersands_alone():
+    """The fast path of `clean` skips ftfy for such text: it must be exactly what ftfy would give."""
+    import random
+    import string
+
+    import ftfy
+    rng = random.Random(0)
+    chars = [c for c in string.printable if c.isprintable() and c != "&"]
+    texts = ["".join(rng.choice(chars) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    texts += ["(masterpiece:1.2), a cat", "a \\\\(b\\\\)", "x < y > z", "it's", '"quoted"', "--", "..."]
+    assert [t for t in texts if ftfy.fix_text(t) != t] == []

@@ -52,6 +52,7 @@ def tokenize(text: str, tokenizer: CLIPTokenizer, embeddings: Embeddings | None 
     chunks: list[Chunk] = []
     chunk, last_comma, count = Chunk(), -1, 0
     used: dict[str, Embedding] = {}
+    match = embeddings.match if embeddings else None          # no embeddings: no lookup per token
 
     def close(is_last: bool = False) -> None:
         nonlocal chunk, last_comma, count
@@ -84,7 +85,7 @@ def tokenize(text: str, tokenizer: CLIPTokenizer, embeddings: Embeddings | None 
                 chunk = moved
             if len(chunk.tokens) == CHUNK:
                 close()
-            found = embeddings.match(ids, pos) if embeddings else None
+            found = match(ids, pos) if match is not None else None
             if found is None:
                 chunk.tokens.append(token)
                 chunk.weights.append(weight)
