@@ -96,7 +96,8 @@ def txt2img_requests(draw, prompt=prompts, negative=negatives):
     sampler, options = draw(sampler_and_options())
     return Request(draw(prompt), negative_prompt=draw(negative), width=draw(sides), height=draw(sides),
                    steps=draw(st.integers(1, 150)), sampler=sampler, sampler_options=options,
-                   guidance_scale=draw(guidance), seed=draw(seeds), batch_size=draw(st.integers(1, 4)))
+                   guidance_scale=draw(guidance), seed=draw(seeds), batch_size=draw(st.integers(1, 4)),
+                   clip_skip=draw(st.sampled_from([1, 1, 2, 12])), prompt_syntax=draw(st.sampled_from(["a1111", "plain"])))
 
 
 @st.composite

@@ -71,34 +71,36 @@ class Pipeline:
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                 sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
                 height: int | None = None, batch_size: int = 1, eta: float = 0.0,
-                latents: torch.Tensor | None = None, progress: Progress | None = None) -> list[Image.Image]:
+                latents: torch.Tensor | None = None, progress: Progress | None = None,
+                **more) -> list[Image.Image]:
         """Images from text (512x512 unless width and height are given). A list of prompts gives
         `batch_size` images for each prompt.
 
         `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's
-        (0, the default, is accepted by every sampler).
+        (0, the default, is accepted by every sampler). `more`: any other Request field (clip_skip=2, ...).
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, sampler_options={"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                                     latents=latents), progress)
+                                     latents=latents, **more), progress)
 
     def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
                 seed: int | None = None, batch_size: int = 1, eta: float = 0.0,
                 width: int | None = None, height: int | None = None,
-                progress: Progress | None = None) -> list[Image.Image]:
+                progress: Progress | None = None, **more) -> list[Image.Image]:
         """Re-draw `image` (PIL image, path, or [B,3,H,W] tensor in [0, 1]) guided by `prompt`.
 
         Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
         nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
         "Just resize"). The last int(steps·strength) steps run; strength defaults to 0.75.
+        `more`: any other Request field (clip_skip=2, ...).
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, sampler_options={"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                                     init_image=image, strength=strength), progress)
+                                     init_image=image, strength=strength, **more), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 
