@@ -121,16 +121,22 @@ def a1111_chunks(text, embeddings=None, backtrack=COMMA_BACKTRACK):
     """A1111's tokenize_line: [(77 token ids, 77 multipliers), ...].
 
     `embeddings`: {token ids of a trigger word: the ids standing for its n vectors} (here, the ids
-    diffusers' load_textual_inversion added to the reference tokenizer and text encoder)."""
+    diffusers' load_textual_inversion added to the reference tokenizer and text encoder). As in A1111,
+    an embedding is a placeholder run (id 0) plus a fix (content offset, vector ids) on its chunk, applied
+    when the chunk is encoded; the comma backtrack moves tokens, not fixes."""
     parsed = parse_prompt_attention(text)
     tokenized = [ENCODE(segment) for segment, _ in parsed]        # per segment, no BOS/EOS, not truncated
-    chunks, tokens, mults, last_comma = [], [], [], -1
+    chunks, tokens, mults, fixes, last_comma = [], [], [], [], -1
 
     def next_chunk():
-        nonlocal tokens, mults, last_comma
+        nonlocal tokens, mults, fixes, last_comma
         pad = CHUNK_LENGTH - len(tokens)
-        chunks.append(([BOS] + tokens + [EOS] * pad + [EOS], [1.0] + mults + [1.0] * pad + [1.0]))
-        tokens, mults, last_comma = [], [], -1
+        ids = [BOS] + tokens + [EOS] * pad + [EOS]
+        for offset, vector_ids in fixes:                 # EmbeddingsWithFixes: after BOS, up to position 76
+            fit = min(77 - offset - 1, len(vector_ids))
+            ids[offset + 1:offset + 1 + fit] = vector_ids[:fit]
+        chunks.append((ids, [1.0] + mults + [1.0] * pad + [1.0]))
+        tokens, mults, fixes, last_comma = [], [], [], -1
 
     for ids, (segment, weight) in zip(tokenized, parsed):
         if segment == "BREAK" and weight == -1:
@@ -159,7 +165,8 @@ def a1111_chunks(text, embeddings=None, backtrack=COMMA_BACKTRACK):
             name_length, vector_ids = found
             if len(tokens) + len(vector_ids) > CHUNK_LENGTH:
                 next_chunk()
-            tokens += list(vector_ids)
+            fixes.append((len(tokens), list(vector_ids)))
+            tokens += [0] * len(vector_ids)
             mults += [weight] * len(vector_ids)
             position += name_length
     if tokens or not chunks:
@@ -292,8 +299,8 @@ def test_chunks_fuzz_match_reference():
         for chunk in tokenize(prompt, tokenizer, library).chunks:
             ids = list(chunk.tokens)
             for pos, embedding in chunk.inserts:
-                assert ids[pos:pos + len(embedding.vectors)] == [0] * len(embedding.vectors)
-                ids[pos:pos + len(embedding.vectors)] = sentinels[embedding.name]
+                fit = min(len(embedding.vectors), 77 - pos)
+                ids[pos:pos + fit] = sentinels[embedding.name][:fit]
             ours.append((ids, chunk.weights))
         assert [ids for ids, _ in ours] == [ids for ids, _ in ref], prompt
         for (_, a), (_, b) in zip(ours, ref):
@@ -657,7 +664,7 @@ def test_embedding_matches_diffusers_encode_prompt(both_with_embedding, fmt, n):
     assert torch.equal(d_pipe.text_encoder.get_input_embeddings().weight[added], vectors)
 
     cond_ref, uncond_ref = d_pipe.encode_prompt(prompt, "cpu", 1, True, "")
-    conditioning = ours.encode_prompts([prompt])
+    conditioning = ours.conditioning([prompt])
     cond, uncond = conditioning.at(0)
     assert [e.name for e in conditioning.embeddings] == [stem]
     err = rel_err(cond[0][0][1], cond_ref[0])
@@ -690,7 +697,7 @@ def test_weighted_long_prompt_with_embedding(both_with_embedding, case):
     if case == "long-moves-whole":
         assert len(chunks) == 2 and chunks[0][0][74] == EOS and chunks[1][0][1:4] == list(added)
     ref = reference_states(d_pipe.text_encoder, [prompt], embeddings=embeddings)
-    cond, _ = ours.encode_prompts([prompt]).at(0)
+    cond, _ = ours.conditioning([prompt]).at(0)
     states = cond[0][0][1]
     assert states.shape == ref.shape[1:]
     err = rel_err(states, ref[0])

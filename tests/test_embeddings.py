@@ -81,3 +81,31 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load.*os.system|posix.system"):
         read_embedding(path)
     assert not marker.exists()
+
+
+def test_a_parameter_dict_with_other_than_string_keys_gives_nothing(tmp_path):
+    """The placeholder keeps string keys only (turning other objects into text could cost what a tiny
+    pickle cannot): such a file holds no term."""
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors(1))})
+    params._parameters = {("x",) * 3: params._parameters["*"]}
+    path = tmp_path / "oddkeys.pt"
+    torch.save({"string_to_param": params}, path)
+    with pytest.raises(CheckpointError, match="holds 0 terms"):
+        read_embedding(path)
+
+
+def test_the_library_checks_what_it_is_given_and_replaces_by_name():
+    from sd15.conditioning.embeddings import Embedding
+    library = Embeddings(CLIPTokenizer())
+    with pytest.raises(ValueError, match="80 vectors"):
+        library.add(Embedding("big", vectors(80), "0" * 12))
+    with pytest.raises(ValueError, match=r"shape \(2, 32\)"):
+        library.add(Embedding("narrow", vectors(2, 32), "0" * 12))
+    first, second = Embedding("style", vectors(1), "a" * 12), Embedding("style", vectors(2), "b" * 12)
+    table = library.table()
+    library.add(first)
+    library.add(second)
+    assert library["style"] is second and len(library) == 1
+    tokens = CLIPTokenizer().encode("style")
+    assert library.match(tokens, 0) == (second, len(tokens))
+    assert not table and table.match(tokens, 0) is None          # a table taken earlier never changes

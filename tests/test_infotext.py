@@ -507,3 +507,14 @@ def test_a_flat_json_value_is_read_whole():
 def test_windows_line_endings():
     back = read("a cat\r\nNegative prompt: dog\r\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64\r\n")
     assert (back.request.prompt, back.request.negative_prompt, back.request.steps) == ("a cat", "dog", 3)
+
+
+def test_a1111s_emphasis_none_keeps_the_rest_of_the_prompt_language():
+    """A1111's emphasis mode "None" reads brackets and BREAK as text; AND, prompt editing and tags stay."""
+    back = read("a [cat:dog:5] AND a tree :0.5\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, "
+                "Emphasis: None, Version: v1.10.1")
+    assert (back.request.emphasis, back.request.prompt_syntax) == ("none", "a1111") and back.unsupported == {}
+    plain = Request("literal (text) AND more", prompt_syntax="plain")
+    assert plain.emphasis == "none"
+    text = plain.infotext()
+    assert "Emphasis: None, Prompt syntax: plain" in text and read(text).request == plain

@@ -100,7 +100,7 @@ def test_long_prompt_is_chunked_not_cut(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="sd15"):
         images = pipe.txt2img(long, seed=1, **SMALL)
     assert not [r for r in caplog.records if r.name == "sd15"]
-    states = pipe.encode_prompts([long]).cond[0][0][1].at(0)
+    states = pipe.conditioning([long]).cond[0][0][1].at(0)
     assert states.shape[0] == 154
     cut = pipe.txt2img(" ".join(["cat"] * 75), seed=1, **SMALL)
     assert not np.array_equal(pixels(images), pixels(cut))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sd15.conditioning.chunks import tokenize
-from sd15.conditioning.editing import Stray, parse, prompt_schedule, text_at_step
+from sd15.conditioning.editing import Stray, entry_at, parse, prompt_schedule
 from sd15.conditioning.embeddings import Embedding, Embeddings
 from sd15.conditioning.emphasis import parse_emphasis
 from sd15.conditioning.prompts import split_and, split_tags
@@ -89,7 +89,7 @@ def test_a_weight_that_is_no_number_is_a_clear_error():
 ])
 def test_the_a1111_step_table(prompt, steps, per_step):
     schedule = prompt_schedule(prompt, steps)
-    assert [text_at_step(schedule, s) for s in range(steps)] == per_step
+    assert [entry_at(schedule, s) for s in range(steps)] == per_step
 
 
 def test_nesting_and_emphasis_kept():
@@ -263,12 +263,17 @@ def test_the_longest_name_wins(tok):
     assert tokenize("bad cat", tok, lib).chunks[0].inserts[0][1].name == "bad"
 
 
-def test_backtracked_embeddings_move_with_their_placeholders(tok):
+def test_a_backtracked_embedding_keeps_a1111s_quirk(tok):
+    """A1111 moves the placeholders after the last comma to the next chunk but leaves the embedding's
+    insertion on the old chunk at its old offset: its vectors land on that chunk's padding and the moved
+    placeholders stay token 0."""
     lib = Embeddings(tok)
     lib.add(embedding("easynegative", 3))
     chunks = tokenize(cats(60) + ", easynegative " + cats(20), tok, lib).chunks
-    assert content(chunks[0]) == [CAT] * 60 + [COMMA] and not chunks[0].inserts
-    assert chunks[1].inserts and chunks[1].tokens[chunks[1].inserts[0][0]] == 0
+    assert content(chunks[0]) == [CAT] * 60 + [COMMA]
+    assert chunks[0].inserts == [(62, lib["easynegative"])]                    # content offset 61, past the BOS
+    assert chunks[0].tokens[62:65] == [EOS] * 3                                 # padding the vectors overwrite
+    assert content(chunks[1])[:3] == [0, 0, 0] and not chunks[1].inserts
 
 
 # ---- AND and tags --------------------------------------------------------------------------------
@@ -334,3 +339,39 @@ def test_padding_repeats_the_last_vector():
     batch = stack_padded([short, long])
     assert batch.shape == (2, 5, 2) and torch.equal(batch[0, 3:], short[-1:].expand(2, 2))
     assert math.isclose(float(batch[0, 2, 0]), 4.0)
+
+
+def test_bad_numbers_and_deep_nesting_are_clear_errors():
+    with pytest.raises(ValueError, match="too large a number"):
+        prompt_schedule("[a:b:1e400]", 10)
+    with pytest.raises(ValueError, match="nests brackets too deeply"):
+        prompt_schedule("(" * 5000 + "a" + ")" * 5000, 10)
+
+
+def test_emphasis_none_reads_brackets_as_text_but_still_edits(tiny_ckpt_file):
+    import sd15
+    pipe = sd15.load(tiny_ckpt_file, device="cpu")
+    cond = pipe.conditioning(["(red) [cat:dog:2]"], steps=4, emphasis="none")
+    schedule = cond.cond[0][0][1]
+    assert [last for last, _ in schedule.entries] == [2, 4]                   # prompt editing still runs
+    encoder = sd15.conditioning.PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    literal = encoder.encode_together(["(red) cat"], emphasis=False)[0][0]
+    assert torch.equal(schedule.at(0), literal)                               # "(red)" as four characters
+    weighted = encoder.encode_together(["(red) cat"])[0][0]
+    assert not torch.equal(weighted, literal)
+
+
+def test_ti_hashes_spell_names_as_a1111_does(tiny_ckpt_file, tmp_path):
+    """A1111 writes embedding names in "TI hashes" without ":" and ","; an embedding used only in the
+    negative prompt counts even when guidance 1 skips encoding it, as A1111 encodes it anyway."""
+    import sd15
+    from safetensors.torch import save_file
+    pipe = sd15.load(tiny_ckpt_file, device="cpu")
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "x.safetensors"))
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "y.safetensors"))
+    first = pipe.add_embedding(tmp_path / "x.safetensors", name="bad,hands")
+    second = pipe.add_embedding(tmp_path / "y.safetensors", name="lowq")
+    image = pipe.txt2img("a bad,hands cat", negative_prompt="lowq", steps=1, width=32, height=32, seed=1,
+                         guidance_scale=1)[0]
+    back = sd15.Request.from_infotext(image.info["parameters"])
+    assert back.ti_hashes == {"badhands": first.hash, "lowq": second.hash}

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..pipeline import png
+from ..pipeline.stages import ti_name
 from ..pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, Request
 from ..sampling.registry import SAMPLERS
 
@@ -140,9 +141,10 @@ def check_files(args) -> None:
     check_device(args.device)
     if args.demo and args.vae is not None:
         raise ValueError("--demo runs its own tiny model, whose VAE no real VAE file fits; drop --vae")
-    for folder in embedding_dirs(args):
+    for folder in embedding_dirs(args.embeddings_dir):
         if not Path(folder).is_dir():
-            raise ValueError(f"embeddings folder {folder} does not exist or is not a folder")
+            source = "--embeddings-dir" if args.embeddings_dir else f"${EMBEDDINGS_ENV}"
+            raise ValueError(f"embeddings folder {folder} ({source}) does not exist or is not a folder")
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():
@@ -151,9 +153,10 @@ def check_files(args) -> None:
         raise ValueError(f"VAE file {args.vae} does not exist")
 
 
-def embedding_dirs(args) -> list[str]:
-    if args.embeddings_dir:
-        return args.embeddings_dir
+def embedding_dirs(given: list[str] | None) -> list[str]:
+    """The --embeddings-dir folders, else those of $SD15_EMBEDDINGS (separated by the path separator)."""
+    if given:
+        return given
     return [d for d in os.environ.get(EMBEDDINGS_ENV, "").split(os.pathsep) if d]
 
 
@@ -213,14 +216,16 @@ def load_pipeline(args, tmp: Path):
         ckpt = write_demo_checkpoint(tmp / "tiny-random-demo.safetensors")
         print("DEMO: tiny random-weight checkpoint; the image will be noise. "
               "Pass --ckpt with real SD 1.5 weights for real images.", file=sys.stderr)
-        return load(ckpt, device=args.device, dtype=dtype, embedding_dirs=embedding_dirs(args))
+        return load(ckpt, device=args.device, dtype=dtype, embedding_dirs=embedding_dirs(args.embeddings_dir))
     return load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema,
-                embedding_dirs=embedding_dirs(args))
+                embedding_dirs=embedding_dirs(args.embeddings_dir))
 
 
 def warn_about_model(back, pipe) -> None:
     """--from-png on another model (or embeddings) than the ones that made the image: say so."""
-    for name, used in back.ti_hashes.items():
+    loaded = {ti_name(name): name for name in pipe.embeddings.names()}       # as A1111 writes the names
+    for written, used in back.ti_hashes.items():
+        name = loaded.get(written, written)
         if name not in pipe.embeddings:
             log.warning("the PNG used the embedding %s [%s], which is not loaded (--embeddings-dir): its name "
                         "is read as words", name, used)

@@ -8,7 +8,6 @@ counts them) with the embeddings found. Exits 2 with one `error:` line on a bad 
 """
 
 import argparse
-import os
 import sys
 
 from ..conditioning.chunks import CHUNK, tokenize
@@ -17,8 +16,7 @@ from ..conditioning.embeddings import Embeddings
 from ..conditioning.emphasis import parse_emphasis
 from ..conditioning.prompts import split_and, split_tags
 from ..conditioning.tokenizer import CLIPTokenizer
-
-EMBEDDINGS_ENV = "SD15_EMBEDDINGS"
+from .generate import EMBEDDINGS_ENV, embedding_dirs
 
 
 def describe(prompt: str, steps: int, tokenizer: CLIPTokenizer, embeddings: Embeddings | None,
@@ -63,9 +61,8 @@ def main(argv=None) -> int:
         return 2
     tokenizer = CLIPTokenizer()
     embeddings = Embeddings(tokenizer)
-    folders = args.embeddings_dir or [d for d in os.environ.get(EMBEDDINGS_ENV, "").split(os.pathsep) if d]
     try:
-        for folder in folders:
+        for folder in embedding_dirs(args.embeddings_dir):
             embeddings.add_dir(folder)
         print("\n".join(describe(args.prompt, args.steps, tokenizer, embeddings, args.plain_prompt)))
     except ValueError as e:

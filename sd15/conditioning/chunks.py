@@ -9,13 +9,14 @@ A1111's rules (`modules/sd_hijack_clip.py: tokenize_line`):
   - BREAK closes the chunk (padding it); BREAK at the start, or twice, makes an all-padding chunk;
   - an embedding's n vectors count as n tokens and move whole to the next chunk if they do not fit;
   - the empty prompt is one chunk, BOS + EOS x 76.
-One difference, on purpose: when the comma backtrack moves an embedding's placeholders to the next chunk,
-its vectors move with them (A1111 leaves the insertion on the old chunk, where it overwrites padding).
+A1111's quirk is kept too: when the comma backtrack moves an embedding's placeholders to the next chunk,
+its insertion stays on the old chunk at the same offset (so the vectors overwrite that chunk's padding,
+as far as they fit before its last position) and the moved placeholders stay token 0 ("!").
 """
 
 from dataclasses import dataclass, field
 
-from .embeddings import Embedding, Embeddings
+from .embeddings import Embedding, EmbeddingTable, Embeddings
 from .emphasis import BREAK, parse_emphasis
 from .tokenizer import CLIPTokenizer
 
@@ -43,7 +44,7 @@ def empty_chunk(tokenizer: CLIPTokenizer) -> Chunk:
     return Chunk([tokenizer.bos_id] + [tokenizer.eos_id] * (CHUNK + 1), [1.0] * (CHUNK + 2), [])
 
 
-def tokenize(text: str, tokenizer: CLIPTokenizer, embeddings: Embeddings | None = None, *,
+def tokenize(text: str, tokenizer: CLIPTokenizer, embeddings: Embeddings | EmbeddingTable | None = None, *,
              emphasis: bool = True, comma_backtrack: int = COMMA_BACKTRACK) -> Tokenized:
     """`text` (no prompt-editing syntax left: see `editing`) as chunks. emphasis=False reads brackets
     and BREAK as plain text (A1111's emphasis mode "None")."""
@@ -77,10 +78,8 @@ def tokenize(text: str, tokenizer: CLIPTokenizer, embeddings: Embeddings | None 
             elif (comma_backtrack and len(chunk.tokens) == CHUNK and last_comma != -1
                   and len(chunk.tokens) - last_comma <= comma_backtrack):
                 cut = last_comma + 1                          # move what follows the comma to the next chunk
-                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:],
-                              [(o - cut, e) for o, e in chunk.inserts if o >= cut])
+                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:], [])    # insertions stay (A1111)
                 chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
-                chunk.inserts = [(o, e) for o, e in chunk.inserts if o < cut]
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK:

@@ -165,14 +165,21 @@ def _text_at(nodes, step: int, steps: int) -> str:
 
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """[(last step, text), ...] for a run of `steps` steps (see the module docstring)."""
-    tree = parse(prompt)
-    if tree is None:
-        return [(steps, prompt)]
-    found = {steps}
-    _switch_steps(tree, steps, found)
-    return [(t, _text_at(tree, t, steps)) for t in sorted(found)]
+    try:
+        tree = parse(prompt)
+        if tree is None:
+            return [(steps, prompt)]
+        found = {steps}
+        _switch_steps(tree, steps, found)
+        return [(t, _text_at(tree, t, steps)) for t in sorted(found)]
+    except RecursionError:
+        raise ValueError(f"prompt nests brackets too deeply to read ({prompt[:40]!r}...)") from None
+    except OverflowError:
+        raise ValueError(f"prompt {prompt[:60]!r}: a prompt-editing step is too large a number") from None
 
 
-def text_at_step(schedule: list[tuple[int, str]], step: int) -> str:
-    """The text of 0-based sampler step `step`: the first entry whose last step is >= step."""
-    return next((text for last, text in schedule if step <= last), schedule[-1][1])
+def entry_at(schedule, step: int):
+    """What 0-based sampler step `step` uses of [(last step, value), ...]: the first entry whose last step
+    is >= step (A1111's `reconstruct_cond_batch`)."""
+    return next((value for last, value in schedule if step <= last), schedule[-1][1])
+

@@ -108,47 +108,75 @@ def read_embedding(path: str | os.PathLike, width: int = 768, name: str | None =
     return Embedding(name or path.name.rsplit(".", 1)[0], vectors, _file_hash(path), path)
 
 
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """One immutable set of embeddings, with the lookup by the first token id of each name."""
+    by_name: dict[str, tuple[tuple[int, ...], Embedding]]          # name -> (its token ids, embedding)
+    by_first_id: dict[int, tuple[tuple[tuple[int, ...], Embedding], ...]]   # longest name first
+
+    def match(self, tokens: list[int], pos: int) -> tuple[Embedding, int] | None:
+        """The embedding whose name's token ids start at tokens[pos], and how many ids the name takes."""
+        for ids, embedding in self.by_first_id.get(tokens[pos], ()):
+            if tuple(tokens[pos:pos + len(ids)]) == ids:
+                return embedding, len(ids)
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.by_name)
+
+
 class Embeddings:
     """The embeddings a pipeline knows, by trigger word, matched on token ids.
 
-    Adding replaces the lookup tables in one assignment, so a generation reading them on another thread
-    sees the old set or the new one, never half of one.
+    Each change makes a new `EmbeddingTable`; a generation takes one (`table()`) when it starts and uses
+    it throughout, so adding embeddings on another thread never changes a prompt half way.
     """
 
     def __init__(self, tokenizer: CLIPTokenizer, width: int = 768):
         self.tokenizer, self.width = tokenizer, width
-        self._by_name: dict[str, Embedding] = {}
-        self._by_first_id: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}
+        self._table = EmbeddingTable({}, {})
         self._lock = threading.Lock()
 
+    def table(self) -> EmbeddingTable:
+        return self._table
+
     def __len__(self) -> int:
-        return len(self._by_name)
+        return len(self._table.by_name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._by_name
+        return name in self._table.by_name
 
     def __getitem__(self, name: str) -> Embedding:
-        return self._by_name[name]
+        return self._table.by_name[name][1]
 
     def names(self) -> list[str]:
-        return sorted(self._by_name)
+        return sorted(self._table.by_name)
+
+    def match(self, tokens: list[int], pos: int) -> tuple[Embedding, int] | None:
+        return self._table.match(tokens, pos)
 
     def add(self, embedding: Embedding) -> None:
-        if embedding.vectors.shape[1] != self.width:
-            raise ValueError(f"embedding {embedding.name!r} is {embedding.vectors.shape[1]} wide; this model takes "
-                             f"{self.width}")
+        vectors = embedding.vectors
+        if vectors.dim() != 2 or vectors.shape[1] != self.width:
+            raise ValueError(f"embedding {embedding.name!r} has shape {tuple(vectors.shape)}; this model takes "
+                             f"[vectors, {self.width}]")
+        if not 1 <= len(vectors) <= 75:
+            raise ValueError(f"embedding {embedding.name!r} has {len(vectors)} vectors; it must fit one 75-token "
+                             "chunk (1 to 75)")
         ids = tuple(self.tokenizer.encode(embedding.name))
         if not ids:
             raise ValueError(f"embedding name {embedding.name!r} has no tokens to match")
         with self._lock:
-            by_name = dict(self._by_name) | {embedding.name: embedding}
-            by_first: dict[int, list] = {}
-            for e in by_name.values():
-                e_ids = tuple(self.tokenizer.encode(e.name))
-                by_first.setdefault(e_ids[0], []).append((e_ids, e))
-            for entries in by_first.values():
-                entries.sort(key=lambda entry: -len(entry[0]))       # the longest name first
-            self._by_name, self._by_first_id = by_name, by_first
+            old = self._table
+            by_name = dict(old.by_name)
+            replaced = by_name.pop(embedding.name, None)
+            by_name[embedding.name] = (ids, embedding)
+            by_first = dict(old.by_first_id)
+            if replaced is not None:            # a name given again: the new file takes its place
+                first = replaced[0][0]
+                by_first[first] = tuple(e for e in by_first[first] if e[1] is not replaced[1])
+            by_first[ids[0]] = tuple(sorted((*by_first.get(ids[0], ()), (ids, embedding)), key=lambda e: -len(e[0])))
+            self._table = EmbeddingTable(by_name, by_first)
 
     def add_file(self, path: str | os.PathLike, name: str | None = None) -> Embedding:
         embedding = read_embedding(path, self.width, name)
@@ -160,6 +188,11 @@ class Embeddings:
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"embeddings folder {folder} does not exist or is not a folder")
+        images = [p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".webp", ".jxl", ".avif")
+                  and not p.name.endswith(".preview.png")]
+        if images:
+            log.warning("%s: %d image file(s) not read: embeddings stored inside images (A1111's) are not "
+                        "supported", folder, len(images))
         skipped = []
         for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
             try:
@@ -168,10 +201,3 @@ class Embeddings:
                 skipped.append((path, str(e)))
                 log.warning("embedding skipped: %s", e)
         return skipped
-
-    def match(self, tokens: list[int], pos: int) -> tuple[Embedding, int] | None:
-        """The embedding whose name's token ids start at tokens[pos], and how many ids the name takes."""
-        for ids, embedding in self._by_first_id.get(tokens[pos], ()):
-            if tuple(tokens[pos:pos + len(ids)]) == ids:
-                return embedding, len(ids)
-        return None

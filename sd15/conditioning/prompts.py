@@ -14,7 +14,8 @@ What A1111 does with a prompt, in its order (docs/architecture.md, "Prompts"):
 The texts of one prompt (its schedule's variants) go through CLIP together, padded to the same number of
 chunks with empty chunks, and share the emphasis mean, as in A1111. Each distinct text is encoded once.
 
-`syntax="plain"` skips 1-3 and reads brackets and BREAK as text (long prompts are still chunked, and
+`emphasis="none"` is A1111's emphasis mode "None": brackets and BREAK are text, the rest still applies.
+`syntax="plain"` also skips 1-3: the prompt is text as written (long prompts are still chunked, and
 embeddings still found).
 """
 
@@ -27,13 +28,14 @@ import torch
 
 from ..models.text_encoder import TextEncoder
 from .chunks import Chunk, Tokenized, empty_chunk, tokenize
-from .editing import prompt_schedule
-from .embeddings import Embedding, Embeddings
+from .editing import entry_at, prompt_schedule
+from .embeddings import Embedding, Embeddings, EmbeddingTable
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("sd15")
 
 SYNTAXES = ("a1111", "plain")
+EMPHASES = ("original", "none")           # A1111's "Original" and "None" emphasis modes
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")                     # A1111's re_extra_net
 AND = re.compile(r"\bAND\b")
 WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")   # "text :0.7"
@@ -66,20 +68,23 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 
 
 class PromptEncoder:
-    """Texts -> states, with the tokenizer, the text encoder and the known embeddings of one pipeline."""
+    """Texts -> states, with the tokenizer, the text encoder and the known embeddings of one pipeline
+    (the embeddings as they are when the encoder is made: one generation sees one set)."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: TextEncoder, embeddings: Embeddings | None = None):
-        self.tokenizer, self.text_encoder, self.embeddings = tokenizer, text_encoder, embeddings
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: TextEncoder,
+                 embeddings: Embeddings | EmbeddingTable | None = None):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.embeddings = embeddings.table() if isinstance(embeddings, Embeddings) else embeddings
 
-    def tokenize(self, text: str, syntax: str = "a1111") -> Tokenized:
-        return tokenize(text, self.tokenizer, self.embeddings, emphasis=syntax != "plain")
+    def tokenize(self, text: str, emphasis: bool = True) -> Tokenized:
+        return tokenize(text, self.tokenizer, self.embeddings, emphasis=emphasis)
 
     @torch.inference_mode()
     def encode_together(self, texts: Sequence[str], *, clip_skip: int = 1,
-                        syntax: str = "a1111") -> tuple[torch.Tensor, list[Embedding]]:
+                        emphasis: bool = True) -> tuple[torch.Tensor, list[Embedding]]:
         """States [len(texts), 77·k, width] of texts encoded as one batch (A1111's unit: padded to the
         batch's chunk count, emphasis mean shared), and the embeddings they used."""
-        tokenized = [self.tokenize(t, syntax) for t in texts]
+        tokenized = [self.tokenize(t, emphasis) for t in texts]
         count = max(len(t.chunks) for t in tokenized)
         used = {e.name: e for t in tokenized for e in t.embeddings}
         outputs = []
@@ -97,15 +102,18 @@ class PromptEncoder:
             token_embeds = te.token_embedding(ids)
             for row, chunk in enumerate(chunks):
                 for pos, embedding in chunk.inserts:
-                    vectors = embedding.vectors.to(token_embeds.device, token_embeds.dtype)
-                    token_embeds[row, pos:pos + len(vectors)] = vectors
+                    fit = min(len(embedding.vectors), ids.shape[1] - pos)     # up to the chunk's last position
+                    vectors = embedding.vectors[:fit].to(token_embeds.device, token_embeds.dtype)
+                    token_embeds[row, pos:pos + fit] = vectors
         z = te(ids, clip_skip=clip_skip, token_embeds=token_embeds)
         if all(w == 1.0 for c in chunks for w in c.weights):
             return z                                      # all weights 1: exactly the plain encoding
-        weights = torch.tensor([c.weights for c in chunks], device=z.device, dtype=z.dtype)
-        original = z.mean()                               # one scalar over the whole batch-chunk tensor
-        z = z * weights[..., None]
-        return z * (original / z.mean())
+        # in float32 (A1111's weights are a float32 tensor, so its products are too), cast back once
+        weights = torch.tensor([c.weights for c in chunks], device=z.device, dtype=torch.float32)
+        wide = z.to(torch.promote_types(z.dtype, torch.float32))
+        original = wide.mean()                            # one scalar over the whole batch-chunk tensor
+        weighted = wide * weights[..., None]
+        return (weighted * (original / weighted.mean())).to(z.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +122,7 @@ class TextSchedule:
     entries: tuple[tuple[int, torch.Tensor], ...]
 
     def at(self, step: int) -> torch.Tensor:
-        return next((s for last, s in self.entries if step <= last), self.entries[-1][1])
+        return entry_at(self.entries, step)
 
     @property
     def constant(self) -> bool:
@@ -142,20 +150,24 @@ class Conditioning:
 
 
 def encode_conditioning(encoder: PromptEncoder, prompts: Sequence[str], negatives: Sequence[str], *,
-                        steps: int, clip_skip: int = 1, syntax: str = "a1111",
+                        steps: int, clip_skip: int = 1, syntax: str = "a1111", emphasis: str = "original",
                         guidance_scale: float = 7.5) -> Conditioning:
     """The conditioning of one image per prompt. `steps` is the request's steps, which prompt editing
     counts in. With guidance scale 1 and one part of weight 1 per image the negatives are not needed
     (the conditional model alone), and not encoded."""
     if syntax not in SYNTAXES:
         raise ValueError(f"prompt syntax must be one of {', '.join(SYNTAXES)}, got {syntax!r}")
+    if emphasis not in EMPHASES:
+        raise ValueError(f"emphasis must be one of {', '.join(EMPHASES)}, got {emphasis!r}")
+    weighted = syntax == "a1111" and emphasis == "original"
     cache: dict[str, tuple[TextSchedule, list[Embedding]]] = {}
     used: dict[str, Embedding] = {}
 
     def schedule_of(text: str) -> TextSchedule:
         if text not in cache:
             entries = prompt_schedule(text, steps) if syntax == "a1111" else [(steps, text)]
-            states, embeddings = encoder.encode_together([t for _, t in entries], clip_skip=clip_skip, syntax=syntax)
+            states, embeddings = encoder.encode_together([t for _, t in entries], clip_skip=clip_skip,
+                                                         emphasis=weighted)
             cache[text] = TextSchedule(tuple((last, states[i]) for i, (last, _) in enumerate(entries))), embeddings
         schedule, embeddings = cache[text]
         used.update((e.name, e) for e in embeddings)
@@ -171,19 +183,10 @@ def encode_conditioning(encoder: PromptEncoder, prompts: Sequence[str], negative
             parts = [(prompt, 1.0)]
         cond.append(tuple((weight, schedule_of(text)) for text, weight in parts))
     single = all(len(parts) == 1 and parts[0][0] == 1.0 for parts in cond)
-    uncond = None if guidance_scale == 1 and single else tuple(schedule_of(n) for n in negatives)
+    if guidance_scale == 1 and single:      # not needed; its embeddings still count as used, as in A1111
+        uncond = None
+        for n in negatives:
+            used.update((e.name, e) for e in encoder.tokenize(n, weighted).embeddings)
+    else:
+        uncond = tuple(schedule_of(n) for n in negatives)
     return Conditioning(tuple(cond), uncond, tuple(used.values()), tuple(dict.fromkeys(tags)))
-
-
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: TextEncoder, prompts: Sequence[str], *,
-                   clip_skip: int = 1, embeddings: Embeddings | None = None) -> torch.Tensor:
-    """Text states [len(prompts), 77·k, width] of plain-weighted prompts, each distinct one encoded once;
-    long prompts are chunked (k chunks: the most any prompt needs, shorter ones padded with empty chunks)."""
-    encoder = PromptEncoder(tokenizer, text_encoder, embeddings)
-    unique = list(dict.fromkeys(prompts))
-    states = [encoder.encode_together([p], clip_skip=clip_skip)[0][0] for p in unique]
-    length = max(s.shape[0] for s in states)
-    pad = encoder.encode_together([""], clip_skip=clip_skip)[0][0]
-    states = [torch.cat([s] + [pad] * ((length - s.shape[0]) // pad.shape[0])) for s in states]
-    index = {p: i for i, p in enumerate(unique)}
-    return torch.stack([states[index[p]] for p in prompts])

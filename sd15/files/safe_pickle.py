@@ -19,6 +19,7 @@ import math
 import mmap
 import pickle
 import pickletools
+import reprlib
 import warnings
 from collections.abc import Callable, Iterable
 from typing import IO, TypeGuard
@@ -182,7 +183,8 @@ class ParameterDictState(Inert):
     def __setstate__(self, state: object) -> None:
         params = state.get("_parameters") if isinstance(state, dict) else None
         if isinstance(params, dict):
-            self.parameters = {str(k): v for k, v in params.items()}
+            # string keys only: converting another object to text could cost what a tiny pickle cannot
+            self.parameters = {k: v for k, v in params.items() if isinstance(k, str) and len(k) <= 256}
 
 
 class StorageRef:
@@ -213,8 +215,13 @@ def _is_int(x: object) -> TypeGuard[int]:
     return type(x) is int and 0 <= x < 2**62
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 40, 40
+
+
 def _short(x: object) -> str:
-    text = repr(x)
+    # a bounded repr: a file's value may be a small pickle of a huge shared structure
+    text = _REPR.repr(x)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

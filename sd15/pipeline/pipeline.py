@@ -71,46 +71,51 @@ class Pipeline:
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                 sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
                 height: int | None = None, batch_size: int = 1, eta: float = 0.0,
-                latents: torch.Tensor | None = None, progress: Progress | None = None,
-                **more) -> list[Image.Image]:
+                latents: torch.Tensor | None = None, clip_skip: int = 1, prompt_syntax: str = "a1111",
+                emphasis: str = "original", progress: Progress | None = None) -> list[Image.Image]:
         """Images from text (512x512 unless width and height are given). A list of prompts gives
         `batch_size` images for each prompt.
 
         `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's
-        (0, the default, is accepted by every sampler). `more`: any other Request field (clip_skip=2, ...).
+        (0, the default, is accepted by every sampler). clip_skip, prompt_syntax, emphasis: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, sampler_options={"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                                     latents=latents, **more), progress)
+                                     latents=latents, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
+                                     emphasis=emphasis), progress)
 
     def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
                 seed: int | None = None, batch_size: int = 1, eta: float = 0.0,
-                width: int | None = None, height: int | None = None,
-                progress: Progress | None = None, **more) -> list[Image.Image]:
+                width: int | None = None, height: int | None = None, clip_skip: int = 1,
+                prompt_syntax: str = "a1111", emphasis: str = "original",
+                progress: Progress | None = None) -> list[Image.Image]:
         """Re-draw `image` (PIL image, path, or [B,3,H,W] tensor in [0, 1]) guided by `prompt`.
 
         Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
         nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
         "Just resize"). The last int(steps·strength) steps run; strength defaults to 0.75.
-        `more`: any other Request field (clip_skip=2, ...).
+        clip_skip, prompt_syntax, emphasis: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, sampler_options={"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
-                                     init_image=image, strength=strength, **more), progress)
+                                     init_image=image, strength=strength, clip_skip=clip_skip,
+                                     prompt_syntax=prompt_syntax, emphasis=emphasis), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None = None, *, steps: int = 1,
-                       clip_skip: int = 1, syntax: str = "a1111", guidance_scale: float = 7.5) -> Conditioning:
+    def conditioning(self, prompts: list[str], negative_prompts: list[str] | None = None, *, steps: int = 1,
+                     clip_skip: int = 1, syntax: str = "a1111", emphasis: str = "original",
+                     guidance_scale: float = 7.5) -> Conditioning:
         """The conditioning stage on its own, to inspect: per prompt its AND parts and, step by step, their
-        states [77·k, width] (`.at(step)`), the negatives' (None for guidance 1), the embeddings used."""
+        states [77·k, width] (`.at(step)`), the negatives' (None for guidance 1), the embeddings used.
+        (It replaces the earlier `encode_prompts`, which returned one tensor of cut prompts.)"""
         negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
         return encode_conditioning(PromptEncoder(self.tokenizer, self.text_encoder, self.embeddings), prompts,
-                                   negatives, steps=steps, clip_skip=clip_skip, syntax=syntax,
+                                   negatives, steps=steps, clip_skip=clip_skip, syntax=syntax, emphasis=emphasis,
                                    guidance_scale=guidance_scale)
 
     def add_embedding(self, path, name: str | None = None) -> Embedding:

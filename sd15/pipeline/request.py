@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..conditioning.prompts import SYNTAXES
+from ..conditioning.prompts import EMPHASES, SYNTAXES
 from ..models.config import VAEConfig
 from ..sampling import SAMPLERS, SamplerSpec, kept_steps, resolve_sampler
 from . import validation
@@ -68,6 +68,7 @@ class Request:
     latents: torch.Tensor | None = None  # txt2img: replaces the seeded initial noise, [images, 4, height/8, width/8]
     clip_skip: int = 1                  # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before
     prompt_syntax: str = "a1111"        # "a1111": emphasis, BREAK, prompt editing, AND, tags; "plain": literal text
+    emphasis: str = "original"          # A1111's emphasis mode: "original", or "none" (brackets and BREAK as text)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -84,6 +85,10 @@ class Request:
         validation.check_clip_skip(self.clip_skip)
         if self.prompt_syntax not in SYNTAXES:
             raise ValueError(f"prompt_syntax must be one of {', '.join(SYNTAXES)}, got {self.prompt_syntax!r}")
+        if self.emphasis not in EMPHASES:
+            raise ValueError(f"emphasis must be one of {', '.join(EMPHASES)}, got {self.emphasis!r}")
+        if self.prompt_syntax == "plain":
+            set_("emphasis", "none")               # literal text has no brackets to weigh
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
@@ -170,10 +175,9 @@ class Request:
         prompts, negatives = self.per_image()
         fields: dict[str, object] = {}
         for codec in INFOTEXT:
-            if codec.write is _write_batch:
-                fields |= extra
             fields |= codec.write(self, index, model)
-        return format_infotext(prompts[index], negatives[index], fields)
+        batch = {k: fields.pop(k) for k in ("Batch size", "Batch pos") if k in fields}
+        return format_infotext(prompts[index], negatives[index], fields | dict(extra) | batch)
 
     @classmethod
     def from_infotext(cls, text: str, **overrides) -> "FromInfotext":
@@ -312,7 +316,7 @@ def _read_batch(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
 
 
 def _read_ti_hashes(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
-    value = fields.pop("TI hashes", None)
+    value = fields.pop("TI hashes", None)       # names as A1111 writes them: without ":" and ","
     if value:
         pairs = (item.partition(":") for item in value.split(","))
         context.ti_hashes = {name.strip(): h.strip() for name, _, h in pairs if name.strip()}
@@ -320,11 +324,12 @@ def _read_ti_hashes(fields: dict[str, str], context: _ReadContext) -> dict[str, 
 
 
 def _read_syntax(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
-    emphasis = fields.get("Emphasis")
-    if emphasis is None or emphasis.strip() != "None":
-        return {}                             # "Original" is ours; other A1111 modes stay unsupported
-    del fields["Emphasis"]
-    return {"prompt_syntax": "plain"}
+    kwargs: dict[str, object] = {}
+    if fields.get("Emphasis", "").strip() in ("None", "Original"):     # other A1111 modes stay unsupported
+        kwargs["emphasis"] = fields.pop("Emphasis").strip().lower()
+    if fields.get("Prompt syntax", "").strip() in SYNTAXES:
+        kwargs["prompt_syntax"] = fields.pop("Prompt syntax").strip()
+    return kwargs
 
 
 def _write_sampler(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
@@ -351,7 +356,8 @@ INFOTEXT: tuple[Codec, ...] = (
     Codec(lambda r, i, m: {"Denoising strength": r.strength if r.init_image is not None else None}, _read_strength),
     Codec(lambda r, i, m: {"Clip skip": r.clip_skip if r.clip_skip != 1 else None},
           lambda f, c: {"clip_skip": _number(int, "Clip skip", f.pop("Clip skip"))} if "Clip skip" in f else {}),
-    Codec(lambda r, i, m: {"Emphasis": "None" if r.prompt_syntax == "plain" else None}, _read_syntax),
+    Codec(lambda r, i, m: {"Emphasis": "None" if r.emphasis == "none" else None,
+                           "Prompt syntax": "plain" if r.prompt_syntax == "plain" else None}, _read_syntax),
     Codec(lambda r, i, m: {}, _read_ti_hashes),
     Codec(_write_options, _read_options),
     Codec(_write_batch, _read_batch),

@@ -42,6 +42,11 @@ log = logging.getLogger("sd15")
 Progress = Callable[[int, int, torch.Tensor], None]   # (step, total, latents after that step)
 
 
+def ti_name(name: str) -> str:
+    """An embedding's name as A1111's "TI hashes" field spells it."""
+    return name.replace(":", "").replace(",", "")
+
+
 def sampler_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The sampler's state and arithmetic stay in float32 (float64 for float64 models) whatever the
     models' dtype: a fp16 UNet's predictions are cast up before guidance and the update, and x is cast
@@ -83,7 +88,7 @@ def conditioning(models: Models, run: Run) -> Conditioning:
     prompts, negatives = r.per_image()
     cond = encode_conditioning(PromptEncoder(models.tokenizer, models.text_encoder, models.embeddings), prompts,
                                negatives, steps=r.steps, clip_skip=r.clip_skip, syntax=r.prompt_syntax,
-                               guidance_scale=r.guidance_scale)
+                               emphasis=r.emphasis, guidance_scale=r.guidance_scale)
     for tag in cond.tags:
         log.warning("%s: extra-network tags are not supported yet; it was removed from the prompt", tag)
     return cond
@@ -128,8 +133,8 @@ def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditionin
     """PIL images, each with `.info["seed"]` and `.info["parameters"]` (its A1111 infotext)."""
     images = tensor_to_pil(pixels)
     extra = {}
-    if cond.embeddings:             # A1111's form: "name: hash, name: hash"
-        extra["TI hashes"] = ", ".join(f"{e.name}: {e.hash}" for e in cond.embeddings)
+    if cond.embeddings:             # A1111's form: "name: hash, name: hash", names without ":" and ","
+        extra["TI hashes"] = ", ".join(f"{ti_name(e.name)}: {e.hash}" for e in cond.embeddings)
     for i, image in enumerate(images):
         image.info["seed"] = run.request.seed
         image.info["parameters"] = run.request.infotext(i, model, extra)
