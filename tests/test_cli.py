@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
            "--eta", "--seed", "--width", "--height", "--batch-size", "--init-image", "--strength", "--out",
            "--device", "--dtype", "--compile", "--quiet", "--from-png", "--clip-skip", "--plain-prompt",
-           "--embeddings-dir"]
+           "--embeddings-dir", "--lora", "--lora-dir", "--lora-mode"]
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,10 @@ ARGUMENT_ERRORS = {
     "out not png": (["--out", "picture.jpg"], "sd15 writes PNG files"),
     "demo with a vae": (["--demo", "--vae", "INIT"], "drop --vae"),
     "clip skip 0": (["--clip-skip", "0"], "clip_skip must be an integer from 1"),
-    "missing embeddings dir": (["--embeddings-dir", "MISSING"], "embeddings folder .* does not exist"),
+    "missing embeddings dir": (["--embeddings-dir", "MISSING"], "folder .* \\(--embeddings-dir\\) does not exist"),
+    "missing lora dir": (["--lora-dir", "MISSING"], "folder .* \\(--lora-dir\\) does not exist"),
+    "missing lora file": (["--lora", "x.safetensors:0.5"], "LoRA file x.safetensors does not exist"),
+    "unknown lora name": (["--lora", "nosuch:0.5"], "no LoRA named .nosuch."),
     "device unknown": (["--device", "banana"], "not a device torch knows"),
     "device absent": (["--device", "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"],
                       "CUDA is not available here|CUDA devices"),
@@ -427,6 +430,7 @@ A1111_TEXT = ("masterpiece, (a red fox:1.2) in snow\n"
               "Negative prompt: lowres, bad hands\n"
               "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 32x40, "
               "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, ENSD: 31337, "
+              "Face restoration: CodeFormer, "
               'Lora hashes: "add_detail: 7c6bd4a8f1a2", Version: v1.10.1')
 
 
@@ -448,9 +452,10 @@ def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path,
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.name == "sd15"]
     (unsupported,) = [w for w in warnings if "not applied" in w]
-    for field in ("Hires upscale: 2", "ENSD: 31337", "Lora hashes: add_detail: 7c6bd4a8f1a2"):
+    for field in ("Hires upscale: 2", "ENSD: 31337", "Face restoration: CodeFormer"):
         assert field in unsupported, unsupported
     assert "Clip skip" not in unsupported                                      # that one is applied
+    assert "Lora hashes" not in unsupported          # read: checked against the LoRA folders when a tag names one
     assert "Version" not in unsupported and "Model" not in unsupported
     (model,) = [w for w in warnings if "made with model" in w]                   # another model made it
     assert "v1-5-pruned-emaonly [6ce0161689]" in model and "tiny-model_v1" in model
@@ -530,3 +535,51 @@ def test_the_prompt_tool(capsys):
     assert "tags (removed): <lora:a:1>" in out and "steps up to 3:" in out and "'red' x1.5" in out
     assert "chunk 1: 1/75 tokens" in out
     assert prompt_main(["x", "--embeddings-dir", "/no/such/dir"]) == 2
+
+
+def kohya_lora(path: Path, seed: int) -> Path:
+    """A kohya-named LoRA on one attention projection of the tiny model's UNet and one of its text encoder."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_lora_by_tag_and_by_file_and_from_png_of_a_changed_lora(ckpt, tmp_path, capsys, caplog):
+    """<lora:NAME:W> found in --lora-dir, --lora FILE:W the same thing by path; --from-png of the image when the
+    folder's LoRA of that name has since changed says so (A1111's `Lora hashes` field)."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    kohya_lora(loras / "ink.safetensors", 0)
+    plain, tagged, by_file = tmp_path / "plain.png", tmp_path / "tagged.png", tmp_path / "file.png"
+    for out, extra in ((plain, ["--prompt", "a fox"]),
+                       (tagged, ["--prompt", "a fox <lora:ink:0.7>", "--lora-dir", loras]),
+                       (by_file, ["--prompt", "a fox", "--lora", f"{loras / 'ink.safetensors'}:0.7"])):
+        code, _, err = run_in_process(["--ckpt", ckpt, *SMALL_RUN, "--seed", 5, "--out", out, *extra], capsys)
+        assert code == 0, err
+    pixels = {p: np.asarray(Image.open(p)) for p in (plain, tagged, by_file)}
+    assert not np.array_equal(pixels[plain], pixels[tagged])
+    assert np.array_equal(pixels[tagged], pixels[by_file])
+    _, _, fields = parse_parameters(read_parameters(tagged))
+    assert re.fullmatch(r"ink: [0-9a-f]{12}", fields["Lora hashes"].strip('"')), fields["Lora hashes"]
+
+    again = tmp_path / "again.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", tagged, "--lora-dir", loras, "--quiet",
+                                   "--device", "cpu", "--out", again], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(again)), pixels[tagged])        # same LoRA, same picture
+
+    kohya_lora(loras / "ink.safetensors", 1)                                     # the file changes under its name
+    with caplog.at_level(logging.WARNING, "sd15"):
+        code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", tagged, "--lora-dir", loras, "--quiet",
+                                       "--device", "cpu", "--out", tmp_path / "changed.png"], capsys)
+    assert code == 0, err
+    (changed,) = [r.getMessage() for r in caplog.records if "used the LoRA" in r.getMessage()]
+    assert changed.startswith(f"the PNG used the LoRA ink [{fields['Lora hashes'].strip(chr(34))[5:]}]"), changed

@@ -23,6 +23,7 @@ from ..sampling.registry import SAMPLERS
 
 CKPT_ENV = "SD15_CKPT"
 EMBEDDINGS_ENV = "SD15_EMBEDDINGS"
+LORAS_ENV = "SD15_LORAS"
 log = logging.getLogger("sd15")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir", action="append", metavar="DIR",
                    help=f"folder of textual-inversion embeddings (.pt/.bin/.safetensors; the trigger word is the "
                         f"file name); repeatable; default ${EMBEDDINGS_ENV}")
+    p.add_argument("--lora", action="append", metavar="FILE[:W[:UNET_W]]",
+                   help="apply a LoRA / LyCORIS file (or the name of one in a --lora-dir) with strength W (default "
+                        "1) on the text encoder and on the UNet, or W on the text encoder and UNET_W on the UNet; "
+                        "repeatable. Prompts may also name LoRAs, A1111's way: <lora:name:0.8>")
+    p.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help=f"folder that <lora:name> tags and --lora names are found in; repeatable; default "
+                        f"${LORAS_ENV}")
+    p.add_argument("--lora-mode", choices=["merge", "on_the_fly"], default="merge",
+                   help="merge the LoRAs into the weights for the run (restored exactly afterwards), or apply "
+                        "them on the fly")
     p.add_argument("--out", default="outputs",
                    help="output folder (created if missing; files NNNNN-SEED.png) or a .png file name "
                         "(default: outputs)")
@@ -105,6 +116,9 @@ def build_request(args):
     given = {field: getattr(args, dest) for dest, field in REQUEST_FIELDS.items() if getattr(args, dest) is not None}
     if args.plain_prompt:
         given["prompt_syntax"] = "plain"
+    if args.lora:
+        from ..adapters.library import LoraSpec
+        given["loras"] = [LoraSpec.parse(text) for text in args.lora]
     options = {name: getattr(args, f"option_{name}") for name in sampler_options()
                if getattr(args, f"option_{name}") is not None}
     if options:
@@ -141,10 +155,16 @@ def check_files(args) -> None:
     check_device(args.device)
     if args.demo and args.vae is not None:
         raise ValueError("--demo runs its own tiny model, whose VAE no real VAE file fits; drop --vae")
-    for folder in embedding_dirs(args.embeddings_dir):
-        if not Path(folder).is_dir():
-            source = "--embeddings-dir" if args.embeddings_dir else f"${EMBEDDINGS_ENV}"
-            raise ValueError(f"embeddings folder {folder} ({source}) does not exist or is not a folder")
+    for flag, given, env in (("--embeddings-dir", args.embeddings_dir, EMBEDDINGS_ENV),
+                             ("--lora-dir", args.lora_dir, LORAS_ENV)):
+        for folder in folders(given, env):
+            if not Path(folder).is_dir():
+                raise ValueError(f"folder {folder} ({flag if given else '$' + env}) does not exist or is not a folder")
+    if args.lora:
+        from ..adapters.library import LoraSpec, Loras
+        library = Loras(folders(args.lora_dir, LORAS_ENV))
+        for text in args.lora:
+            library.find(LoraSpec.parse(text).name, paths_allowed=True)    # names a file that is there
     if not args.demo and not args.ckpt:
         raise ValueError(f"no checkpoint: pass --ckpt FILE or set ${CKPT_ENV} (or try --demo)")
     if not args.demo and not Path(args.ckpt).exists():
@@ -153,11 +173,11 @@ def check_files(args) -> None:
         raise ValueError(f"VAE file {args.vae} does not exist")
 
 
-def embedding_dirs(given: list[str] | None) -> list[str]:
-    """The --embeddings-dir folders, else those of $SD15_EMBEDDINGS (separated by the path separator)."""
+def folders(given: list[str] | None, env: str = EMBEDDINGS_ENV) -> list[str]:
+    """The folders given on the command line, else those of the variable (separated by the path separator)."""
     if given:
         return given
-    return [d for d in os.environ.get(EMBEDDINGS_ENV, "").split(os.pathsep) if d]
+    return [d for d in os.environ.get(env, "").split(os.pathsep) if d]
 
 
 def check_device(name: str | None) -> None:
@@ -216,9 +236,13 @@ def load_pipeline(args, tmp: Path):
         ckpt = write_demo_checkpoint(tmp / "tiny-random-demo.safetensors")
         print("DEMO: tiny random-weight checkpoint; the image will be noise. "
               "Pass --ckpt with real SD 1.5 weights for real images.", file=sys.stderr)
-        return load(ckpt, device=args.device, dtype=dtype, embedding_dirs=embedding_dirs(args.embeddings_dir))
-    return load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema,
-                embedding_dirs=embedding_dirs(args.embeddings_dir))
+        pipe = load(ckpt, device=args.device, dtype=dtype, embedding_dirs=folders(args.embeddings_dir),
+                    lora_dirs=folders(args.lora_dir, LORAS_ENV))
+    else:
+        pipe = load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema,
+                    embedding_dirs=folders(args.embeddings_dir), lora_dirs=folders(args.lora_dir, LORAS_ENV))
+    pipe.lora_mode = args.lora_mode
+    return pipe
 
 
 def warn_about_model(back, pipe) -> None:
@@ -232,6 +256,15 @@ def warn_about_model(back, pipe) -> None:
         elif pipe.embeddings[name].hash != used:
             log.warning("the PNG used the embedding %s [%s]; the loaded one is [%s]", name, used,
                         pipe.embeddings[name].hash)
+    from ..adapters.files import adapter_hash
+    for name, used in back.lora_hashes.items():
+        try:
+            path = pipe.loras.find(name, paths_allowed=False)
+        except ValueError:
+            continue                   # a tag naming it fails on its own, with the folders it looked in
+        if adapter_hash(path) != used:
+            log.warning("the PNG used the LoRA %s [%s]; the one in the LoRA folders is [%s]", name, used,
+                        adapter_hash(path))
     made_with = back.model
     if made_with.hash and pipe.model_hash and made_with.hash.lower() != pipe.model_hash.lower():
         log.warning("the PNG was made with model %s [%s]; this run uses %s [%s], so expect a different picture",

@@ -41,6 +41,8 @@ def describe(path):
             lines.append(f"{label + ':':<14}{_params(part):,} parameters in {len(part)} tensors")
         ema = f"yes, {ckpt.ema_parameters:,} parameters (used only with ema=True)" if ckpt.has_ema else "no"
         lines.append(f"ema:          {ema}")
+    elif family == "lora":
+        lines += describe_lora(path, tensors)
     elif family == "sd1-vae":
         vae = vae_from_state(str(path), state, quirks)
         lines.append(f"vae:          {_params(vae):,} parameters in {len(vae)} tensors")
@@ -48,6 +50,22 @@ def describe(path):
         lines.append(f"not loadable: {FAMILY_PROBLEMS.get(family, 'not a Stable Diffusion 1.x checkpoint')}")
     lines.append("quirks:" + ("" if quirks else "       none"))
     lines.extend(f"  - {q}" for q in quirks)
+    return lines
+
+
+def describe_lora(path, tensors) -> list[str]:
+    """Kind, ranks, alphas, modules, base model and kohya metadata of a LoRA / LyCORIS file."""
+    from ..adapters.files import base_model, describe, read_adapter
+    from ..adapters.names import module_index
+    from ..files.readers import read_checkpoint_file
+    from ..models.config import TextEncoderConfig, UNetConfig
+    metadata = {str(k): str(v) for k, v in (read_checkpoint_file(path).metadata or {}).items()}
+    base = base_model(list(tensors), tensors, metadata)
+    lines = [f"base model:   {dict(sd1='SD 1.x', sd2='SD 2.x', sdxl='SDXL')[base]}"]
+    try:
+        lines += describe(read_adapter(path, module_index(UNetConfig(), TextEncoderConfig())))
+    except CheckpointError as e:
+        lines.append(f"not usable:   {e}")
     return lines
 
 

@@ -16,7 +16,7 @@ from ..conditioning.embeddings import Embeddings
 from ..conditioning.emphasis import parse_emphasis
 from ..conditioning.prompts import split_and, split_tags
 from ..conditioning.tokenizer import CLIPTokenizer
-from .generate import EMBEDDINGS_ENV, embedding_dirs
+from .generate import EMBEDDINGS_ENV, folders
 
 
 def describe(prompt: str, steps: int, tokenizer: CLIPTokenizer, embeddings: Embeddings | None,
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     tokenizer = CLIPTokenizer()
     embeddings = Embeddings(tokenizer)
     try:
-        for folder in embedding_dirs(args.embeddings_dir):
+        for folder in folders(args.embeddings_dir):
             embeddings.add_dir(folder)
         print("\n".join(describe(args.prompt, args.steps, tokenizer, embeddings, args.plain_prompt)))
     except ValueError as e:

@@ -89,7 +89,17 @@ def merge_delta(module: "Linear | Conv2d", delta: torch.Tensor) -> nn.Parameter:
     original = module.weight
     wide = torch.promote_types(original.dtype, torch.float32)
     merged = original.to(wide) + delta.reshape(original.shape).to(original.device, wide)
-    module.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
+    return replace_weight(module, merged.to(original.dtype))
+
+
+def replace_weight(module: "Linear | Conv2d", weight: torch.Tensor) -> nn.Parameter:
+    """Give the module a new weight tensor (never written into the old one, which may be shared or
+    memory-mapped from a file); return the original Parameter for `restore_weight`."""
+    original = module.weight
+    if weight.shape != original.shape or weight.dtype != original.dtype:
+        raise ValueError(f"new weight {tuple(weight.shape)} {weight.dtype} for a {tuple(original.shape)} "
+                         f"{original.dtype} weight")
+    module.weight = nn.Parameter(weight, requires_grad=False)
     return original
 
 

@@ -9,6 +9,7 @@ share the models read-only. Setting up is not thread-safe: `compile()`, replacin
 weight delta while a generation runs.
 """
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .. import adapters
+from ..adapters.library import Loras
 from ..conditioning import CLIPTokenizer
 from ..conditioning.embeddings import Embedding, Embeddings
 from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
@@ -25,6 +28,7 @@ from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import VAE
 from . import stages, vae_io
+from .locks import SharedExclusive
 from .request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelInfo, Request
 from .stages import Progress
 
@@ -41,12 +45,17 @@ class Pipeline:
     vae_path: Path | None = None
     quirks: list[str] = field(default_factory=list)
     embeddings: Embeddings | None = None        # textual-inversion embeddings by trigger word (see add_embedding)
+    loras: Loras | None = None                  # the LoRA folders <lora:name> tags are found in
+    lora_mode: str = "merge"                    # "merge": into the weights per generation; "on_the_fly"
     _hash: str | None = field(default=None, init=False, repr=False)
+    _models_lock: SharedExclusive = field(default_factory=SharedExclusive, init=False, repr=False)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         if self.embeddings is None:
             self.embeddings = Embeddings(self.tokenizer, self.text_encoder.cfg.width)
+        if self.loras is None:
+            self.loras = Loras()
 
     # ---- generation -------------------------------------------------------------------------------
 
@@ -56,16 +65,23 @@ class Pipeline:
         progress(step, total, latents) is called after each sampler step (raise from it to stop).
         """
         run = stages.prepare(self, request)
-        if getattr(self.unet, "_compiled_call_impl", None) is not None and active_deltas():
-            if set(active_deltas()) & set(self.unet.modules()):
-                raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
-                                 "trace them): merge them (sd15.models.blocks.merge_delta) or do not compile")
-        with torch.inference_mode():
+        uses = stages.adapters(self, run)
+        compiled = getattr(self.unet, "_compiled_call_impl", None) is not None
+        on_the_fly = bool(uses) and (self.lora_mode == "on_the_fly")
+        if compiled and (on_the_fly or set(active_deltas()) & set(self.unet.modules())):
+            raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
+                             "trace them): use lora_mode='merge', or do not compile")
+        if uses and not on_the_fly:      # the models change for this generation: it has them alone
+            lock, apply = self._models_lock.exclusive(), adapters.merged(self.text_encoder, self.unet, uses)
+        else:
+            lock = self._models_lock.shared()
+            apply = adapters.on_the_fly(self.text_encoder, self.unet, uses) if uses else contextlib.nullcontext()
+        with lock, apply, torch.inference_mode():
             cond = stages.conditioning(self, run)
             start = stages.initial_latents(self, run)
             latents = stages.denoise(self, run, cond, start, progress)
             pixels = stages.decode(self, latents)
-        return stages.annotate(pixels, run, self.model_info, cond)
+        return stages.annotate(pixels, run, self.model_info, cond, uses)
 
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,

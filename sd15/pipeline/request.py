@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..adapters.library import LoraSpec
 from ..conditioning.prompts import EMPHASES, SYNTAXES
 from ..models.config import VAEConfig
 from ..sampling import SAMPLERS, SamplerSpec, kept_steps, resolve_sampler
@@ -69,6 +70,7 @@ class Request:
     clip_skip: int = 1                  # A1111's numbering: 1 = the text encoder's last layer, 2 = the one before
     prompt_syntax: str = "a1111"        # "a1111": emphasis, BREAK, prompt editing, AND, tags; "plain": literal text
     emphasis: str = "original"          # A1111's emphasis mode: "original", or "none" (brackets and BREAK as text)
+    loras: tuple[LoraSpec, ...] = ()     # besides the prompt's <lora:...> tags: (name or path, w) or (.., te, unet)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -89,6 +91,9 @@ class Request:
             raise ValueError(f"emphasis must be one of {', '.join(EMPHASES)}, got {self.emphasis!r}")
         if self.prompt_syntax == "plain":
             set_("emphasis", "none")               # literal text has no brackets to weigh
+        if isinstance(self.loras, (str, LoraSpec)) or not isinstance(self.loras, (list, tuple)):
+            raise ValueError(f"loras must be a list such as [('name', 0.8)], got {self.loras!r}")
+        set_("loras", tuple(LoraSpec.of(spec) for spec in self.loras))
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
@@ -198,7 +203,8 @@ class Request:
             kwargs |= codec.read(fields, context)
         request = cls(**(kwargs | overrides))
         return FromInfotext(request, context.model, context.batch_pos, context.version,
-                            context.unsupported | fields, frozenset(info.fields), context.ti_hashes)
+                            context.unsupported | fields, frozenset(info.fields), context.ti_hashes,
+                            context.lora_hashes)
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,7 @@ class FromInfotext:
     unsupported: dict[str, str]       # fields sd15 does not apply to this request: warn about them
     found: frozenset[str] = frozenset()   # every key the settings line had (empty: no settings line)
     ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)   # embedding name -> hash the image used
+    lora_hashes: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA name -> hash the image used
 
 
 # ---- how each field is written and read back -------------------------------------------------------------
@@ -223,6 +230,7 @@ class _ReadContext:
     sampler: str | None = None        # the sampler read (its options are read for it)
     batch_pos: int | None = None
     ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+    lora_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     unsupported: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
@@ -315,12 +323,23 @@ def _read_batch(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
     return {"batch_size": _number(int, "Batch size", size)}
 
 
-def _read_ti_hashes(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
-    value = fields.pop("TI hashes", None)       # names as A1111 writes them: without ":" and ","
-    if value:
-        pairs = (item.partition(":") for item in value.split(","))
-        context.ti_hashes = {name.strip(): h.strip() for name, _, h in pairs if name.strip()}
+def _hashes(value: str | None) -> dict[str, str]:
+    """A1111's "name: hash, name: hash" (names without ":" and ",")."""
+    pairs = (item.partition(":") for item in (value or "").split(","))
+    return {name.strip(): h.strip() for name, _, h in pairs if name.strip()}
+
+
+def _read_hashes(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    context.ti_hashes = _hashes(fields.pop("TI hashes", None))
+    context.lora_hashes = _hashes(fields.pop("Lora hashes", None))
     return {}
+
+
+def _read_loras(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    value = fields.pop("Loras", None)            # ours: the request's own LoRAs (the prompt's tags stay in it)
+    if not value:
+        return {}
+    return {"loras": [LoraSpec.parse(item.strip()) for item in value.split(",") if item.strip()]}
 
 
 def _read_syntax(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
@@ -358,7 +377,8 @@ INFOTEXT: tuple[Codec, ...] = (
           lambda f, c: {"clip_skip": _number(int, "Clip skip", f.pop("Clip skip"))} if "Clip skip" in f else {}),
     Codec(lambda r, i, m: {"Emphasis": "None" if r.emphasis == "none" else None,
                            "Prompt syntax": "plain" if r.prompt_syntax == "plain" else None}, _read_syntax),
-    Codec(lambda r, i, m: {}, _read_ti_hashes),
+    Codec(lambda r, i, m: {"Loras": ", ".join(spec.text() for spec in r.loras) or None}, _read_loras),
+    Codec(lambda r, i, m: {}, _read_hashes),
     Codec(_write_options, _read_options),
     Codec(_write_batch, _read_batch),
 )

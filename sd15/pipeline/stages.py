@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
+from ..adapters.apply import Use
+from ..adapters.library import TAG_KINDS, spec_from_tag
+from ..adapters.names import module_index
+from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning, split_tags
 from ..models.latents import to_diffusion
 from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, make_plan, sample
 from ..sampling.guidance import guided_by_step, stack_padded
@@ -82,6 +85,30 @@ def prepare(models: Models, request: Request) -> Run:
     return Run(request, plan, GeneratorNoise.seeded(request.seed, models.dtype), shape)
 
 
+def adapters(models: Models, run: Run) -> list[Use]:
+    """The LoRAs of a generation: the request's own (names or paths), then the <lora:...> tags of its
+    first prompt (A1111 reads extra networks from the first prompt of a batch; names only)."""
+    r = run.request
+    index = module_index(models.unet.cfg, models.text_encoder.cfg)
+    specs = [(spec, True) for spec in r.loras]
+    if r.prompt_syntax == "a1111":
+        tags = split_tags(r.prompts[0])[1]
+        specs += [(spec_from_tag(t.args), False) for t in tags if t.kind in TAG_KINDS]
+        later = {str(t) for p in r.prompts[1:] for t in split_tags(p)[1] if t.kind in TAG_KINDS} - set(map(str, tags))
+        if later:
+            log.warning("LoRA tags are read from the first prompt of a batch only (as in A1111); not used: %s",
+                        ", ".join(sorted(later)))
+    uses = []
+    for spec, paths_allowed in specs:
+        adapter = models.loras.load(spec, index, paths_allowed)
+        if adapter.unmatched:
+            log.warning("LoRA %s: %d of its modules match none of this model's and are skipped: %s%s",
+                        adapter.name, len(adapter.unmatched), ", ".join(adapter.unmatched[:6]),
+                        " ..." if len(adapter.unmatched) > 6 else "")
+        uses.append(Use(adapter, spec.te, spec.unet, spec.dyn))
+    return uses
+
+
 def conditioning(models: Models, run: Run) -> Conditioning:
     """The prompts' states per image and step (A1111's prompt language unless the request says "plain")."""
     r = run.request
@@ -90,7 +117,8 @@ def conditioning(models: Models, run: Run) -> Conditioning:
                                negatives, steps=r.steps, clip_skip=r.clip_skip, syntax=r.prompt_syntax,
                                emphasis=r.emphasis, guidance_scale=r.guidance_scale)
     for tag in cond.tags:
-        log.warning("%s: extra-network tags are not supported yet; it was removed from the prompt", tag)
+        if tag.kind not in TAG_KINDS:
+            log.warning("%s: this kind of extra network is not supported; the tag was removed from the prompt", tag)
     return cond
 
 
@@ -129,10 +157,13 @@ def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
     return vae_io.decode(models.vae, latents)
 
 
-def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditioning) -> list[Image.Image]:
+def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditioning,
+             uses: list[Use] = ()) -> list[Image.Image]:
     """PIL images, each with `.info["seed"]` and `.info["parameters"]` (its A1111 infotext)."""
     images = tensor_to_pil(pixels)
     extra = {}
+    if uses:                        # A1111's form too: "name: hash, ..."
+        extra["Lora hashes"] = ", ".join(dict.fromkeys(f"{ti_name(u.adapter.name)}: {u.adapter.hash}" for u in uses))
     if cond.embeddings:             # A1111's form: "name: hash, name: hash", names without ":" and ","
         extra["TI hashes"] = ", ".join(f"{ti_name(e.name)}: {e.hash}" for e in cond.embeddings)
     for i, image in enumerate(images):
