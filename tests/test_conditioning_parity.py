@@ -573,8 +573,8 @@ def test_prompt_editing_matches_diffusers_switching_embeds(ours, tiny_models, ca
     states = reference_states(ref.text_encoder, [before, after])      # one prompt's variants: one batch
     uncond = reference_states(ref.text_encoder, ["blurry"])
     cat, dog = states[:1], states[1:]
-    pipe = diffusers_pipe(ref, "dpmpp_2m")
-    ours_out = run_ours(ours, prompt, "blurry", "dpmpp_2m", 11, 10)
+    pipe = diffusers_pipe(ref, "dpmpp_2m_uniform")
+    ours_out = run_ours(ours, prompt, "blurry", "dpmpp_2m_uniform", 11, 10)
     check_images(f"editing {case}", ours, ref.vae, ours_out,
                  run_diffusers(pipe, 11, 10, cat, uncond, switch=(3, torch.cat([uncond, dog]))))
     # the test can tell the switching step: one step early (a `<` rule) is far outside the tolerance

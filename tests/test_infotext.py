@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from sd15.pipeline.infotext import format_infotext, parse_infotext
 from sd15.pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, FromInfotext, ModelInfo, Request
-from sd15.sampling.registry import SAMPLERS
+from sd15.sampling.registry import SAMPLERS, every_combination
 
 # Deterministic (the same examples on every run, no database in the tree), like test_fuzz_loader.
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -84,11 +84,10 @@ seeds = st.none() | st.integers(0, 2**32 - 1)
 
 @st.composite
 def sampler_and_options(draw):
-    name = draw(st.sampled_from(sorted(SAMPLERS)))
-    options = {}
-    if name == "ddim":
-        options = {"eta": draw(st.sampled_from([0.0, 1.0, 0.3]) | st.floats(0, 1))}
-    return name, options
+    spec = draw(st.sampled_from(every_combination()))
+    options = {o.name: draw(st.sampled_from([o.default, o.low, o.high]) | st.floats(o.low, o.high))
+               for o in spec.options if draw(st.booleans())}
+    return spec.full_name, options
 
 
 @st.composite
@@ -124,9 +123,9 @@ def test_every_request_reads_back_as_itself(req):
     assert back.batch_pos == (0 if req.num_images > 1 else None)
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", [spec.full_name for spec in every_combination()])
 def test_every_sampler_reads_back(sampler):
-    """The property test's draw, made certain for each row of the sampler table."""
+    """The property test's draw, made certain for each sampler with each schedule type it takes."""
     req = Request("a cat", sampler=sampler, seed=1)
     assert read(req.infotext()).request.sampler == sampler
 
@@ -224,8 +223,8 @@ def test_a1111_hires_infotext_with_unsupported_fields():
     # Everything sd15 cannot apply comes back, values unquoted, none dropped.
     assert back.unsupported == {
         "Denoising strength": "0.5", "ENSD": "31337", "Face restoration": "CodeFormer",
-        "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent",
-        "Lora hashes": "add_detail: 7c6bd4a8f1a2", "Emphasis": "No norm"}
+        "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent", "Emphasis": "No norm"}
+    assert back.lora_hashes == {"add_detail": "7c6bd4a8f1a2"}      # read: checked when the tag's LoRA is loaded
     # Clip skip is applied; TI hashes say which embeddings the image used (information).
     assert r.clip_skip == 2 and back.ti_hashes == {"easynegative": "c74b4e810b03"}
     # Model, hashes and version are information, not unsupported settings.
@@ -252,7 +251,8 @@ def test_a1111_pre_1_9_sampler_name_with_schedule_in_it():
 @pytest.mark.parametrize("sampler_fields, expected", [
     ("Sampler: DPM++ 2M Karras", "dpmpp_2m_karras"),                    # < 1.9
     ("Sampler: DPM++ 2M, Schedule type: Karras", "dpmpp_2m_karras"),    # >= 1.9
-    ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpmpp_2m"),
+    ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpmpp_2m_karras"),   # 1.9+: Automatic is Karras for it
+    ("Sampler: DPM++ 2M, Schedule type: Uniform", "dpmpp_2m_uniform"),
     ("Sampler: Euler a, Schedule type: Automatic", "euler_a"),
     ("Sampler: Euler a", "euler_a"),
     ("Sampler: Euler, Schedule type: Karras", "euler_karras"),
@@ -475,7 +475,7 @@ def test_sampler_spellings_with_a_schedule_type(sampler, expected):
     assert read(f"a cat\n{sampler}, {A1111_LINE}").request.sampler == expected
 
 
-@pytest.mark.parametrize("sampler", ["Sampler: Euler a, Schedule type: Karras", "Sampler: DDIM, Schedule type: Uniform",
+@pytest.mark.parametrize("sampler", ["Sampler: Euler a, Schedule type: Beta", "Sampler: DDIM, Schedule type: Karras",
                                      "Sampler: DPM++ 2M Karras, Schedule type: Exponential"])
 def test_a_schedule_sd15_lacks_is_an_error_not_another_schedule(sampler):
     """Falling back to the sampler's own schedule would quietly make another picture."""

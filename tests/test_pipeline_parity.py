@@ -167,7 +167,7 @@ def init_image(width=70, height=53, mode="RGB") -> Image.Image:
 
 
 IMG2IMG = [("ddim", 0.3), ("euler_a", 0.75), ("dpmpp_2m_karras", 1.0), ("ddpm", 0.75), ("euler_karras", 0.3),
-           ("dpmpp_2m", 0.75)]
+           ("dpmpp_2m_uniform", 0.75)]
 
 
 @pytest.mark.parametrize("sampler,strength", IMG2IMG, ids=[f"{n}-{s}" for n, s in IMG2IMG])

@@ -118,10 +118,10 @@ def test_reference_configs():
     """What from_config(SD1.5 DDIM config) gives: the non-DDIM classes fall back to their own defaults."""
     assert reference_scheduler("ddim").config.timestep_spacing == "leading"
     assert reference_scheduler("ddpm").config.timestep_spacing == "leading"
-    for name in ("euler", "euler_a", "dpmpp_2m"):
+    for name in ("euler", "euler_a", "dpmpp_2m_uniform"):
         cfg = reference_scheduler(name).config
         assert cfg.timestep_spacing == "linspace" and cfg.steps_offset == 1
-    dpm = reference_scheduler("dpmpp_2m").config
+    dpm = reference_scheduler("dpmpp_2m_uniform").config
     assert (dpm.algorithm_type, dpm.solver_order, dpm.lower_order_final, dpm.final_sigmas_type,
             dpm.euler_at_final) == ("dpmsolver++", 2, True, "zero", False)
     assert reference_scheduler("euler").config.final_sigmas_type == "zero"
@@ -152,7 +152,7 @@ def test_timesteps_and_sigmas(name, steps):
     assert plan.init_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_uniform"])
 def test_integer_grids_sweep(name):
     for steps in range(1, 121):
         sched = reference_scheduler(name)
@@ -275,23 +275,36 @@ def test_float32_state_with_fp16_noise_follows_diffusers_fp16_loop(name, eta):
     ("ddim", "ddim"), ("DDIM", "ddim"), ("DDPM", "ddpm"), ("Euler", "euler"), ("euler", "euler"),
     ("Euler a", "euler_a"), ("euler_a", "euler_a"), ("EULER A", "euler_a"), ("k_euler_a", "euler_a"),
     ("euler_ancestral", "euler_a"), ("euler_karras", "euler_karras"), ("Euler Karras", "euler_karras"),
-    ("DPM++ 2M", "dpmpp_2m"), ("dpmpp_2m", "dpmpp_2m"), ("dpm++ 2m", "dpmpp_2m"), ("k_dpmpp_2m", "dpmpp_2m"),
+    ("DPM++ 2M", "dpmpp_2m_karras"), ("dpmpp_2m", "dpmpp_2m_karras"), ("dpm++ 2m", "dpmpp_2m_karras"),
+    ("k_dpmpp_2m", "dpmpp_2m_karras"), ("DPM++ 2M Uniform", "dpmpp_2m_uniform"), ("dpmpp_2m_uniform", "dpmpp_2m_uniform"),
+    ("Euler a Karras", "euler_a_karras"), ("euler_exponential", "euler_exponential"),
+    ("Euler SGM Uniform", "euler_sgm_uniform"), ("dpmpp_2m_align_your_steps", "dpmpp_2m_align_your_steps"),
     ("DPM++ 2M Karras", "dpmpp_2m_karras"), ("dpmpp_2m_karras", "dpmpp_2m_karras"),
     ("  dpm++  2M  karras ", "dpmpp_2m_karras"),
 ])
 def test_resolve_aliases(alias, name):
-    assert resolve_sampler(alias).name == name
+    assert resolve_sampler(alias).full_name == name
 
 
 def test_resolve_split_schedule_type_and_labels():
     spec = resolve_sampler("DPM++ 2M", "Karras")
-    assert (spec.name, spec.label, spec.schedule_type) == ("dpmpp_2m_karras", "DPM++ 2M", "Karras")
+    assert (spec.full_name, spec.name, spec.label, spec.schedule_type) == ("dpmpp_2m_karras", "dpmpp_2m", "DPM++ 2M",
+                                                                          "Karras")
+    assert resolve_sampler("DPM++ 2M", "Automatic").schedule_type == "Karras"      # A1111 1.9+'s default for it
+    assert resolve_sampler("DPM++ 2M", "Uniform").schedule_type == "Uniform"
+    assert resolve_sampler("Euler", "Exponential").full_name == "euler_exponential"
+    with pytest.raises(ValueError, match="already names the schedule type Karras"):
+        resolve_sampler("DPM++ 2M Karras", "Exponential")
+    with pytest.raises(ValueError, match="DDIM has no schedule type 'Karras'"):
+        resolve_sampler("DDIM", "Karras")
+    with pytest.raises(ValueError, match="unknown schedule type 'Polynomial'"):
+        resolve_sampler("Euler", "Polynomial")
     assert resolve_sampler("Euler a", "Automatic").name == "euler_a"
     spec = resolve_sampler("euler_a")
     assert (spec.label, spec.schedule_type) == ("Euler a", "Automatic")
 
 
-@pytest.mark.parametrize("bad", ["plms", "Euler a Karras", "", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("bad", ["DDIM Karras", "Euler a Polynomial", "", "dpmpp_4m"])
 def test_unknown_sampler_lists_valid_names(bad):
     with pytest.raises(ValueError) as err:
         resolve_sampler(bad)
@@ -325,8 +338,7 @@ def test_bad_strength_and_eta():
 def test_options_are_declared_per_sampler():
     """Options come from the table: DDIM declares eta (default 0), the others none; defaults fill in."""
     assert {name: [o.name for o in s.options] for name, s in SAMPLERS.items()} == {
-        "ddim": ["eta"], "ddpm": [], "euler": [], "euler_karras": [], "euler_a": [], "dpmpp_2m": [],
-        "dpmpp_2m_karras": []}
+        "ddim": ["eta"], "ddpm": [], "euler": [], "euler_a": [], "dpmpp_2m": []}
     assert dict(make_plan(resolve_sampler("ddim"), 10).options) == {"eta": 0.0}
     assert dict(make_plan(resolve_sampler("ddim"), 10, options={"eta": 1}).options) == {"eta": 1.0}
 

@@ -146,28 +146,26 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
                       set_alpha_to_one=False, steps_offset=1)
 
 
-def _scheduler_classes():
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
-    return {  # our sampler name -> (diffusers class, from_config overrides)
-        "ddim": (DDIMScheduler, {}),
-        "ddpm": (DDPMScheduler, {}),
-        "euler": (EulerDiscreteScheduler, {}),
-        "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-        "euler_a": (EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    }
-
-
-SCHEDULERS = _scheduler_classes()
+SCHEDULERS = {  # our sampler name -> (diffusers scheduler class name, from_config overrides)
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m_uniform": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    # -- ODE samplers in σ space --
+    # -- SDE samplers --
+    # -- multistep VP samplers --
+    # -- consistency samplers --
+}
 
 
 def reference_scheduler(name: str):
     """What users do: DDIMScheduler(**SD15 config), then X.from_config(its config) for the others."""
-    from diffusers import DDIMScheduler
+    import diffusers
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config(DDIMScheduler(**SD15_SCHEDULER).config, **overrides)
+    return getattr(diffusers, cls).from_config(diffusers.DDIMScheduler(**SD15_SCHEDULER).config, **overrides)
 
 
 def reference_pipeline(models: Models, sampler: str = "dpmpp_2m_karras"):

@@ -86,17 +86,18 @@ class Pipeline:
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                 sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
-                height: int | None = None, batch_size: int = 1, eta: float = 0.0,
+                height: int | None = None, batch_size: int = 1, eta: float | None = None,
                 latents: torch.Tensor | None = None, clip_skip: int = 1, prompt_syntax: str = "a1111",
                 emphasis: str = "original", progress: Progress | None = None) -> list[Image.Image]:
         """Images from text (512x512 unless width and height are given). A list of prompts gives
         `batch_size` images for each prompt.
 
-        `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta` is DDIM's
-        (0, the default, is accepted by every sampler). clip_skip, prompt_syntax, emphasis: see Request.
+        `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta`: the sampler's
+        eta (DDIM's, 0 by default; the ancestral and SDE samplers', 1 by default); None keeps its default,
+        and 0 is accepted by every sampler. clip_skip, prompt_syntax, emphasis: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                                     steps=steps, sampler=sampler, sampler_options={"eta": eta},
+                                     steps=steps, sampler=sampler, sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      latents=latents, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
                                      emphasis=emphasis), progress)
@@ -104,7 +105,7 @@ class Pipeline:
     def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
-                seed: int | None = None, batch_size: int = 1, eta: float = 0.0,
+                seed: int | None = None, batch_size: int = 1, eta: float | None = None,
                 width: int | None = None, height: int | None = None, clip_skip: int = 1,
                 prompt_syntax: str = "a1111", emphasis: str = "original",
                 progress: Progress | None = None) -> list[Image.Image]:
@@ -116,7 +117,7 @@ class Pipeline:
         clip_skip, prompt_syntax, emphasis: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                                     steps=steps, sampler=sampler, sampler_options={"eta": eta},
+                                     steps=steps, sampler=sampler, sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      init_image=image, strength=strength, clip_skip=clip_skip,
                                      prompt_syntax=prompt_syntax, emphasis=emphasis), progress)

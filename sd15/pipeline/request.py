@@ -80,7 +80,7 @@ class Request:
             raise ValueError(f"{len(self.negative_prompt)} negative prompts for {len(self.prompts)} prompts; "
                              "give one each, or one string for all")
         spec = resolve_sampler(self.sampler)
-        set_("sampler", spec.name)
+        set_("sampler", spec.full_name)
         if not isinstance(self.sampler_options, Mapping):
             raise ValueError(f"sampler_options must be a mapping such as {{'eta': 0.5}}, got {self.sampler_options!r}")
         set_("sampler_options", types.MappingProxyType(spec.check_options(self.sampler_options, keep_defaults=False)))
@@ -262,19 +262,14 @@ def _read_sampler(fields: dict[str, str], context: _ReadContext) -> dict[str, ob
     label, schedule = fields.pop("Sampler", None), fields.pop("Schedule type", None)
     if label is None or "sampler" in context.overrides:
         return {}
-    automatic = schedule is None or schedule.strip().lower() in ("automatic", "")
-    candidates = [label] if automatic else [f"{label} {schedule}", label]
-    for name in candidates:      # "DPM++ 2M" + "Karras", or a pre-1.9 "DPM++ 2M Karras" (+ a redundant "Karras")
-        try:
-            spec = resolve_sampler(name)
-        except ValueError:
-            continue
-        if automatic or name != label or spec.schedule_type.lower() == schedule.strip().lower():
-            context.sampler = spec.name
-            return {"sampler": spec.name}
-    shown = label if automatic else f"{label}, schedule type {schedule}"
-    raise ValueError(f"the infotext's sampler ({shown}) is not one sd15 has; choose one with --sampler "
-                     f"(Python: sampler=): {', '.join(SAMPLERS)}")
+    try:        # "DPM++ 2M" + "Karras", or a pre-1.9 "DPM++ 2M Karras" (+ a redundant "Karras")
+        spec = resolve_sampler(label, schedule)
+    except ValueError:
+        shown = label if schedule is None else f"{label}, schedule type {schedule}"
+        raise ValueError(f"the infotext's sampler ({shown}) is not one sd15 has; choose one with --sampler "
+                         f"(Python: sampler=): {', '.join(SAMPLERS)}") from None
+    context.sampler = spec.full_name
+    return {"sampler": spec.full_name}
 
 
 def _read_options(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:

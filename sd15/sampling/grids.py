@@ -32,12 +32,6 @@ def dpm_grid(steps: int, cfg: ScheduleConfig) -> Grid:
     return _vp_grid(dpm_timesteps(steps, cfg), 0.0, cfg)  # final_sigmas_type="zero"
 
 
-def dpm_karras_grid(steps: int, cfg: ScheduleConfig) -> Grid:
-    table = sigma_table(cfg)  # Karras between the training extremes; timesteps rounded to integers
-    sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
-    return timestep_at(sigmas, cfg).round(), torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
 def euler_grid(steps: int, cfg: ScheduleConfig) -> Grid:
     t = linspace_timesteps(steps, cfg)
     return t, torch.cat([sigma_at(t, cfg), t.new_zeros(1)])
@@ -49,3 +43,13 @@ def euler_karras_grid(steps: int, cfg: ScheduleConfig) -> Grid:
     linear = sigma_at(linspace_timesteps(steps, cfg), cfg)
     sigmas = karras_sigmas(float(linear[-1]), float(linear[0]), steps)
     return timestep_at(sigmas, cfg).float().double(), torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def from_sigmas(sigmas: torch.Tensor, cfg: ScheduleConfig, round_timesteps: bool = False) -> Grid:
+    """The grid of a schedule type's σ levels: each level's timestep by log-σ interpolation (k-diffusion's
+    sigma_to_t; diffusers' `_sigma_to_t`), rounded where the sampler's diffusers scheduler rounds it, and σ = 0
+    after the last step."""
+    sigmas = sigmas.double()
+    t = timestep_at(sigmas, cfg)
+    t = t.round() if round_timesteps else t.float().double()   # diffusers keeps fractional t in float32
+    return t, torch.cat([sigmas, sigmas.new_zeros(1)])

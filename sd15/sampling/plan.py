@@ -70,7 +70,7 @@ def make_plan(sampler: SamplerSpec, steps: int, strength: float = 1.0, options: 
     exactly as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps does)."""
     kept = kept_steps(steps, strength, schedule.num_train_steps)
     checked = sampler.check_options(options or {})
-    timesteps, sigmas = sampler.grid(steps, schedule)
+    timesteps, sigmas = sampler.make_grid(steps, schedule)
     init_sigma = 1.0 if sampler.vp else float(sigmas.max())
     start = steps - kept
     return Plan(sampler, timesteps[start:], sigmas[start:], init_sigma, strength,

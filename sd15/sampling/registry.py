@@ -1,6 +1,8 @@
-"""The sampler table: names people type, A1111's labels, each sampler's grid, state view and options.
+"""The sampler table: names people type, A1111's labels, each sampler's grid, state view, options and
+which schedule types it takes (`schedule_types`).
 
     spec = resolve_sampler("DPM++ 2M Karras")          # or "dpmpp_2m_karras", or ("DPM++ 2M", "Karras")
+    spec.full_name, spec.schedule                      # "dpmpp_2m_karras", "karras"
     spec.check_options({"eta": 0.3})                    # ValueError unless the sampler declares eta
 
 A new sampler is one function in `samplers` and one row in `SAMPLERS`; a new option is one `Option` in
@@ -9,13 +11,14 @@ its row (the request, the CLI and the infotext pick it up from there).
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import grids
 from .samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
 from .schedule import ScheduleConfig
+from .schedule_types import SCHEDULE_TYPES
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,63 @@ def _neutral(name: str, value) -> bool:
     return name in NEUTRAL and isinstance(value, (int, float)) and not isinstance(value, bool) and value == NEUTRAL[name]
 
 
+GridFn = Callable[[int, ScheduleConfig], grids.Grid]   # (steps, cfg) -> (timesteps [n], sigmas [n+1])
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    name: str  # canonical name, e.g. "dpmpp_2m_karras"
+    """One row of the sampler table, bound to one schedule type (`resolve_sampler` binds it).
+
+    The sampler and the schedule type are two axes, as in A1111 1.9+: `grid` is the sampler's own
+    ("Uniform") grid, diffusers' spacing for its scheduler; any other schedule type gives σ levels that
+    `grids.from_sigmas` turns into a grid, unless the row names a grid of its own for it in `grids_for`.
+    """
+    name: str  # the sampler's canonical name, e.g. "dpmpp_2m" (see `full_name` for the schedule's)
     label: str  # A1111 "Sampler" field, e.g. "DPM++ 2M"
-    schedule_type: str  # A1111 "Schedule type" field: "Karras" or "Automatic"
     fn: Callable[..., Iterator[torch.Tensor]]  # the sampler
-    grid: Callable[[int, ScheduleConfig], grids.Grid]  # (steps, cfg) -> full (timesteps [n], sigmas [n+1])
+    grid: GridFn  # the sampler's own grid: schedule type "uniform"
     vp: bool  # state is the VP latent (True) or x_σ = x0 + σ·ε (False)
     options: tuple[Option, ...] = ()
+    default_schedule: str = "uniform"  # what A1111's "Automatic" resolves to for this sampler
+    schedules: tuple[str, ...] | None = None  # the schedule types it takes; None: all of SCHEDULE_TYPES
+    round_timesteps: bool = False  # diffusers' scheduler rounds t under σ schedules (DPMSolverMultistep)
+    grids_for: Mapping[str, GridFn] = field(default_factory=dict)   # schedule type -> diffusers' own grid for it
+    schedule: str = ""  # the bound schedule type; "" on a table row means its default_schedule
+
+    def __post_init__(self):
+        if not self.schedule:
+            object.__setattr__(self, "schedule", self.default_schedule)
+
+    @property
+    def accepted_schedules(self) -> tuple[str, ...]:
+        return tuple(SCHEDULE_TYPES) if self.schedules is None else self.schedules
+
+    def with_schedule(self, schedule: str) -> "SamplerSpec":
+        if schedule not in self.accepted_schedules:
+            raise ValueError(f"sampler {self.label} has no schedule type {SCHEDULE_TYPES[schedule].label!r} "
+                             f"(it takes: {', '.join(SCHEDULE_TYPES[s].label for s in self.accepted_schedules)})")
+        return replace(self, schedule=schedule)
+
+    @property
+    def full_name(self) -> str:
+        """The canonical name of sampler + schedule: "dpmpp_2m_karras", "dpmpp_2m_uniform", "euler" (a sampler's own
+        grid is not spelled out where it is also the sampler's default)."""
+        return self.name if self.schedule_type == "Automatic" else f"{self.name}_{self.schedule}"
+
+    @property
+    def schedule_type(self) -> str:
+        """A1111's "Schedule type" field: "Automatic" for a sampler's own grid when that is its default."""
+        if self.schedule == "uniform" and self.default_schedule == "uniform":
+            return "Automatic"
+        return SCHEDULE_TYPES[self.schedule].label
+
+    def make_grid(self, steps: int, cfg: ScheduleConfig) -> grids.Grid:
+        if self.schedule in self.grids_for:
+            return self.grids_for[self.schedule](steps, cfg)
+        kind = SCHEDULE_TYPES[self.schedule]
+        if kind.sigmas is None:
+            return self.grid(steps, cfg)
+        return grids.from_sigmas(kind.sigmas(steps, cfg), cfg, self.round_timesteps)
 
     def check_options(self, options: Mapping[str, float], keep_defaults: bool = True) -> dict[str, float]:
         """This sampler's options, `options` checked; with the defaults filled in, or (keep_defaults=False)
@@ -70,18 +121,29 @@ class SamplerSpec:
         return out
 
 
+TIMESTEPS_ONLY = ("uniform",)   # samplers that walk their own timesteps (A1111's "timesteps" samplers)
+
 ETA_DDIM = Option("eta", 0.0, 0.0, 1.0, "Eta DDIM", "0 deterministic, 1 DDPM-like noise", legacy_infotext="Eta")
 
 SAMPLERS = {s.name: s for s in (
-    SamplerSpec("ddim", "DDIM", "Automatic", sample_ddim, grids.ddim_grid, vp=True, options=(ETA_DDIM,)),
-    SamplerSpec("ddpm", "DDPM", "Automatic", sample_ddpm, grids.ddpm_grid, vp=True),
-    SamplerSpec("euler", "Euler", "Automatic", sample_euler, grids.euler_grid, vp=False),
-    SamplerSpec("euler_karras", "Euler", "Karras", sample_euler, grids.euler_karras_grid, vp=False),
-    SamplerSpec("euler_a", "Euler a", "Automatic", sample_euler_ancestral, grids.euler_grid, vp=False),
-    SamplerSpec("dpmpp_2m", "DPM++ 2M", "Automatic", sample_dpmpp_2m, grids.dpm_grid, vp=True),
-    SamplerSpec("dpmpp_2m_karras", "DPM++ 2M", "Karras", sample_dpmpp_2m, grids.dpm_karras_grid, vp=True),
+    SamplerSpec("ddim", "DDIM", sample_ddim, grids.ddim_grid, vp=True, options=(ETA_DDIM,), schedules=TIMESTEPS_ONLY),
+    SamplerSpec("ddpm", "DDPM", sample_ddpm, grids.ddpm_grid, vp=True, schedules=TIMESTEPS_ONLY),
+    SamplerSpec("euler", "Euler", sample_euler, grids.euler_grid, vp=False,
+                grids_for={"karras": grids.euler_karras_grid}),
+    SamplerSpec("euler_a", "Euler a", sample_euler_ancestral, grids.euler_grid, vp=False),
+    SamplerSpec("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, grids.dpm_grid, vp=True, default_schedule="karras",
+                round_timesteps=True),
+    # -- ODE samplers in σ space (ode_samplers.py) --
+    # -- SDE samplers (sde_samplers.py) --
+    # -- multistep VP samplers (multistep.py) --
+    # -- consistency samplers (consistency.py) --
 )}
 _EXTRA_ALIASES = {"eulerancestral": "euler_a"}  # k-diffusion's sample_euler_ancestral
+
+
+def every_combination() -> list[SamplerSpec]:
+    """Every sampler bound to each schedule type it takes, in table order."""
+    return [row.with_schedule(s) for row in SAMPLERS.values() for s in row.accepted_schedules]
 
 
 def _normalize(name: str) -> str:
@@ -90,20 +152,52 @@ def _normalize(name: str) -> str:
     return "".join(c for c in name if c not in " _-")
 
 
-_BY_KEY = {_normalize(n): s for n, s in SAMPLERS.items()} | {
-    _normalize(f"{s.label} {s.schedule_type}"): s for s in SAMPLERS.values()} | {
-    k: SAMPLERS[v] for k, v in _EXTRA_ALIASES.items()}
+def _names() -> dict[str, SamplerSpec]:
+    """Every spelling -> the bound spec: the sampler alone (its default schedule), and with each schedule
+    type it takes, by canonical names and by A1111's labels (pre-1.9 names such as "DPM++ 2M Karras")."""
+    out: dict[str, SamplerSpec] = {}
+    for row in SAMPLERS.values():
+        for sampler in (row.name, row.label):
+            out[_normalize(sampler)] = row
+            for schedule in row.accepted_schedules:
+                for spelled in (schedule, SCHEDULE_TYPES[schedule].label):
+                    out.setdefault(_normalize(f"{sampler} {spelled}"), row.with_schedule(schedule))
+    for alias, name in _EXTRA_ALIASES.items():
+        out[alias] = SAMPLERS[name]
+    return out
+
+
+_BY_KEY = _names()
+_SCHEDULE_KEYS = {_normalize(k): k for k in SCHEDULE_TYPES} | {_normalize(s.label): k for k, s in SCHEDULE_TYPES.items()}
+
+
+def resolve_schedule_type(schedule_type: str) -> str | None:
+    """A schedule type's canonical name ("karras"), None for "Automatic" (the sampler's default)."""
+    key = _normalize(schedule_type)
+    if key in ("automatic", ""):
+        return None
+    if key not in _SCHEDULE_KEYS:
+        raise ValueError(f"unknown schedule type {schedule_type!r}; valid: Automatic, "
+                         f"{', '.join(s.label for s in SCHEDULE_TYPES.values())}")
+    return _SCHEDULE_KEYS[key]
 
 
 def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerSpec:
-    """A sampler by name: "euler_a", "Euler a", "DPM++ 2M Karras", or A1111's split ("DPM++ 2M", "Karras")."""
+    """A sampler bound to a schedule type, by name: "euler_a", "Euler a", "DPM++ 2M Karras", or A1111's
+    split ("DPM++ 2M", "Karras"). A name that carries a schedule and a different `schedule_type` is an error."""
     if not isinstance(name, str):
         raise ValueError(f"sampler must be a name such as 'DPM++ 2M Karras', got {name!r}")
     key = _normalize(name)
-    if schedule_type is not None and _normalize(schedule_type) not in ("automatic", ""):
-        key += _normalize(schedule_type)
     if key not in _BY_KEY:
-        shown = name if schedule_type is None else f"{name}, schedule type {schedule_type}"
-        raise ValueError(f"unknown sampler {shown!r}; valid names: {', '.join(SAMPLERS)} "
-                         "(A1111 spellings such as 'Euler a' or 'DPM++ 2M Karras' also work)")
-    return _BY_KEY[key]
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLERS)}, each optionally "
+                         f"followed by a schedule type ({', '.join(SCHEDULE_TYPES)}); A1111 spellings such as "
+                         "'Euler a' or 'DPM++ 2M Karras' also work")
+    spec = _BY_KEY[key]
+    schedule = None if schedule_type is None else resolve_schedule_type(schedule_type)
+    if schedule is None:
+        return spec
+    named = spec.schedule if key not in {_normalize(spec.name), _normalize(spec.label)} else None
+    if named is not None and named != schedule:
+        raise ValueError(f"sampler {name!r} already names the schedule type {SCHEDULE_TYPES[named].label}; "
+                         f"it cannot also be {SCHEDULE_TYPES[schedule].label}")
+    return spec.with_schedule(schedule)

@@ -52,6 +52,15 @@ def np_linspace(stop: float, num: int) -> torch.Tensor:
     return grid
 
 
+def np_linspace_between(start: float, stop: float, num: int) -> torch.Tensor:
+    """numpy.linspace(start, stop, num) bit for bit (start + k·((stop−start)/(num−1)), last = stop), float64."""
+    if num == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    grid = torch.arange(num, dtype=torch.float64) * ((stop - start) / (num - 1)) + start
+    grid[-1] = stop
+    return grid
+
+
 def leading_timesteps(steps: int, cfg: ScheduleConfig) -> torch.Tensor:
     """The "leading" spacing (DDIM, DDPM): t_i = (steps-1-i)·(N // steps) + steps_offset, int64."""
     ratio = cfg.num_train_steps // steps
