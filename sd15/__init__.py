@@ -21,6 +21,7 @@ _EXPORTS = {
     "CheckpointError": "sd15.files.errors", "Configs": "sd15.models.loading", "UNetConfig": "sd15.models.config",
     "VAEConfig": "sd15.models.config", "TextEncoderConfig": "sd15.models.config",
     "SAMPLERS": "sd15.sampling.registry", "resolve_sampler": "sd15.sampling.registry",
+    "SCHEDULE_TYPES": "sd15.sampling.schedule_types", "Hires": "sd15.pipeline.hires",
 }
 __all__ = list(_EXPORTS)
 

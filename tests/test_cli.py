@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo", "--steps", "--cfg-scale", "--sampler",
            "--eta", "--seed", "--width", "--height", "--batch-size", "--init-image", "--strength", "--out",
            "--device", "--dtype", "--compile", "--quiet", "--from-png", "--clip-skip", "--plain-prompt",
-           "--embeddings-dir", "--lora", "--lora-dir", "--lora-mode"]
+           "--embeddings-dir", "--lora", "--lora-dir", "--lora-mode", "--schedule-type", "--list-samplers",
+           "--seed-mode", "--subseed", "--subseed-strength", "--seed-resize-from", "--noise-seed-delta",
+           "--hires", "--hr-scale", "--hr-resize", "--hr-upscaler", "--hr-steps", "--hr-denoising-strength",
+           "--hr-sampler", "--hr-prompt", "--hr-negative-prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +239,12 @@ ARGUMENT_ERRORS = {
     "missing lora file": (["--lora", "x.safetensors:0.5"], "LoRA file x.safetensors does not exist"),
     "unknown lora name": (["--lora", "nosuch:0.5"], "no LoRA named .nosuch."),
     "device unknown": (["--device", "banana"], "not a device torch knows"),
+    "unknown schedule type": (["--schedule-type", "Polynomial"], "unknown schedule type 'Polynomial'; valid: "
+                                                                 "Automatic, Uniform, Karras"),
+    "schedule type a sampler lacks": (["--sampler", "DDIM", "--schedule-type", "Karras"],
+                                      "sampler DDIM has no schedule type 'Karras' \\(it takes: Uniform\\)"),
+    "schedule twice": (["--sampler", "Euler Karras", "--schedule-type", "Exponential"],
+                       "already names the schedule type Karras"),
     "device absent": (["--device", "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"],
                       "CUDA is not available here|CUDA devices"),
 }
@@ -263,7 +272,8 @@ def test_help_mentions_every_option(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     documented = {s for a in generate.build_parser()._actions for s in a.option_strings if s.startswith("--")}
-    assert documented == set(OPTIONS) | {"--help"}
+    option_flags = {"--" + name.replace("_", "-") for name in generate.sampler_options()}   # one per sampler option
+    assert documented == set(OPTIONS) | {"--help"} | option_flags
     for option in documented:
         assert re.search(rf"(^|\s|\[){re.escape(option)}\b", text), option
     assert all(name in " ".join(text.split()) for name in SAMPLERS)
@@ -452,10 +462,12 @@ def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path,
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.name == "sd15"]
     (unsupported,) = [w for w in warnings if "not applied" in w]
-    for field in ("Hires upscale: 2", "ENSD: 31337", "Face restoration: CodeFormer"):
+    for field in ("Face restoration: CodeFormer",):
         assert field in unsupported, unsupported
+    assert "Hires upscale" not in unsupported         # applied: a hires pass, 2x, Latent (A1111's default)
     assert "Clip skip" not in unsupported                                      # that one is applied
     assert "Lora hashes" not in unsupported          # read: checked against the LoRA folders when a tag names one
+    assert "ENSD" not in unsupported                 # applied: A1111's seeds, their noise seed delta
     assert "Version" not in unsupported and "Model" not in unsupported
     (model,) = [w for w in warnings if "made with model" in w]                   # another model made it
     assert "v1-5-pruned-emaonly [6ce0161689]" in model and "tiny-model_v1" in model
@@ -464,7 +476,9 @@ def test_from_png_of_an_a1111_image_names_what_it_does_not_apply(ckpt, tmp_path,
     assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == (
         "3", "Euler a", "7.0", "1234", "32x40")
     assert fields["Clip skip"] == "2"
-    assert Image.open(out).size == (32, 40)
+    assert (fields["Seed mode"], fields["ENSD"]) == ("a1111", "31337")
+    assert (fields["Hires upscale"], fields["Hires upscaler"], fields["Denoising strength"]) == ("2", "Latent", "0.7")
+    assert Image.open(out).size == (64, 80)
 
 
 def test_from_png_errors(ckpt, tmp_path, capsys, no_model):
@@ -472,8 +486,8 @@ def test_from_png_errors(ckpt, tmp_path, capsys, no_model):
     Image.new("RGB", (8, 8)).save(plain)
     cases = {"no parameters": (plain, "carries no A1111 'parameters' text"),
              "missing": (tmp_path / "nope.png", "does not exist"),
-             "unknown sampler": (a1111_png(tmp_path / "sde.png", A1111_TEXT.replace("Euler a", "DPM++ SDE")),
-                                 "the infotext's sampler \\(DPM\\+\\+ SDE\\) is not one sd15 has; choose one with "
+             "unknown sampler": (a1111_png(tmp_path / "sde.png", A1111_TEXT.replace("Euler a", "DPM adaptive")),
+                                 "the infotext's sampler \\(DPM adaptive\\) is not one sd15 has; choose one with "
                                  "--sampler")}
     for name, (png, message) in cases.items():
         code, out, err = run_in_process(["--ckpt", ckpt, "--from-png", png, "--out", tmp_path / "o"], capsys)
@@ -583,3 +597,65 @@ def test_lora_by_tag_and_by_file_and_from_png_of_a_changed_lora(ckpt, tmp_path, 
     assert code == 0, err
     (changed,) = [r.getMessage() for r in caplog.records if "used the LoRA" in r.getMessage()]
     assert changed.startswith(f"the PNG used the LoRA ink [{fields['Lora hashes'].strip(chr(34))[5:]}]"), changed
+
+
+def test_list_samplers_needs_no_prompt_and_names_every_sampler(capsys, no_model):
+    assert generate.main(["--list-samplers"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()[1:] if line and not line.startswith(("schedule", "a name"))}
+    assert set(rows) == set(SAMPLERS)
+    for name, spec in SAMPLERS.items():
+        assert spec.label in rows[name]
+    assert re.search(r"^dpmpp_2m\s+DPM\+\+ 2M\s+Karras\s+all\s+N\s+yes$", rows["dpmpp_2m"]), rows["dpmpp_2m"]
+    assert re.search(r"^ddim\s+DDIM\s+Uniform\s+Uniform\s+N\s+yes$", rows["ddim"]), rows["ddim"]
+    assert "Align Your Steps (align_your_steps)" in out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_schedule_type_with_and_without_a_sampler(ckpt, tmp_path, capsys):
+    runs = {"split": ["--sampler", "Euler a", "--schedule-type", "Karras"], "joined": ["--sampler", "euler_a_karras"],
+            "default sampler": ["--schedule-type", "Exponential"]}
+    images = {}
+    for case, extra in runs.items():
+        out = tmp_path / f"{case}.png"
+        code, _, err = run_in_process(["--ckpt", ckpt, *SMALL_RUN, "--seed", 2, "--prompt", "x", "--out", out, *extra],
+                                      capsys)
+        assert code == 0, err
+        _, _, fields = parse_parameters(read_parameters(out))
+        images[case] = (np.asarray(Image.open(out)), fields["Sampler"], fields["Schedule type"])
+    assert images["split"][1:] == images["joined"][1:] == ("Euler a", "Karras")
+    assert np.array_equal(images["split"][0], images["joined"][0])
+    assert images["default sampler"][1:] == ("DPM++ 2M", "Exponential")
+    again = tmp_path / "again.png"                      # --from-png of a Karras image, re-run on Uniform
+    code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", tmp_path / "split.png", "--schedule-type", "Uniform",
+                                   "--quiet", "--device", "cpu", "--out", again], capsys)
+    assert code == 0, err
+    _, _, fields = parse_parameters(read_parameters(again))
+    assert (fields["Sampler"], fields["Schedule type"]) == ("Euler a", "Automatic")
+    assert not np.array_equal(np.asarray(Image.open(again)), images["split"][0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hires_options_and_from_png_overrides(ckpt, tmp_path, capsys):
+    out = tmp_path / "hr.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, *SMALL_RUN, "--seed", 3, "--prompt", "a fox", "--out", out,
+                                   "--hr-resize", "64x0", "--hr-steps", 2, "--hr-upscaler", "lanczos",
+                                   "--hr-denoising-strength", 0.55, "--hr-sampler", "Euler a"], capsys)
+    assert code == 0, err
+    _, _, fields = parse_parameters(read_parameters(out))
+    assert Image.open(out).size == (64, 64)
+    assert (fields["Size"], fields["Hires resize"], fields["Hires steps"], fields["Hires upscaler"],
+            fields["Denoising strength"], fields["Hires sampler"]) == ("32x32", "64x0", "2", "Lanczos", "0.55", "Euler a")
+    again = tmp_path / "again.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", out, "--quiet", "--device", "cpu", "--out", again],
+                                  capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))     # the same two passes
+    bigger = tmp_path / "bigger.png"
+    code, _, err = run_in_process(["--ckpt", ckpt, "--from-png", out, "--hr-resize", "96x0", "--quiet", "--device",
+                                   "cpu", "--out", bigger], capsys)
+    assert code == 0, err
+    assert Image.open(bigger).size == (96, 96)
+    code, _, err = run_in_process(["--ckpt", ckpt, *SMALL_RUN, "--prompt", "x", "--hr-upscaler", "ESRGAN",
+                                   "--out", tmp_path / "bad.png"], capsys)
+    assert code == 2 and "unknown hires upscaler 'ESRGAN'" in err

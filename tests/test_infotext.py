@@ -26,6 +26,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from sd15.pipeline.hires import Hires
 from sd15.pipeline.infotext import format_infotext, parse_infotext
 from sd15.pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, FromInfotext, ModelInfo, Request
 from sd15.sampling.registry import SAMPLERS, every_combination
@@ -85,7 +86,8 @@ seeds = st.none() | st.integers(0, 2**32 - 1)
 @st.composite
 def sampler_and_options(draw):
     spec = draw(st.sampled_from(every_combination()))
-    options = {o.name: draw(st.sampled_from([o.default, o.low, o.high]) | st.floats(o.low, o.high))
+    options = {o.name: draw(st.integers(int(o.low), int(o.high)) if o.integer else
+                            st.sampled_from([o.default, o.low, o.high]) | st.floats(o.low, o.high))
                for o in spec.options if draw(st.booleans())}
     return spec.full_name, options
 
@@ -218,13 +220,14 @@ def test_a1111_hires_infotext_with_unsupported_fields():
     assert r.negative_prompt == "lowres, bad anatomy, (worst quality:1.4)"
     assert (r.steps, r.sampler, r.guidance_scale, r.seed) == (28, "dpmpp_2m_karras", 6.5, 3141592653)
     assert r.size == (512, 768)
-    # The hires pass's denoising strength with no init image: txt2img, and reported.
+    # The hires fix: txt2img with a second pass; its denoising strength is the second pass's.
     assert r.init_image is None and r.strength == 1.0
+    assert r.hires == Hires(scale=2, upscaler="Latent", steps=10, denoising_strength=0.5)
     # Everything sd15 cannot apply comes back, values unquoted, none dropped.
     assert back.unsupported == {
-        "Denoising strength": "0.5", "ENSD": "31337", "Face restoration": "CodeFormer",
-        "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "Latent", "Emphasis": "No norm"}
+        "Face restoration": "CodeFormer", "Emphasis": "No norm"}
     assert back.lora_hashes == {"add_detail": "7c6bd4a8f1a2"}      # read: checked when the tag's LoRA is loaded
+    assert (r.seed_mode, r.noise_seed_delta) == ("a1111", 31337)     # an A1111 image: its seeds, its ENSD
     # Clip skip is applied; TI hashes say which embeddings the image used (information).
     assert r.clip_skip == 2 and back.ti_hashes == {"easynegative": "c74b4e810b03"}
     # Model, hashes and version are information, not unsupported settings.
@@ -335,9 +338,11 @@ def test_fields_after_an_unparsable_segment_are_not_dropped():
     back = read(a1111(
         "a cat",
         'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, '
-        'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, ENSD: 31337, Version: v1.10.1'))
+        'Hashes: {"model": "6ce0161689", "vae": "735e4c3a44"}, Face restoration: CodeFormer, ENSD: 31337, '
+        'Version: v1.10.1'))
     assert "Hashes" in back.unsupported
-    assert back.unsupported.get("ENSD") == "31337"
+    assert back.unsupported.get("Face restoration") == "CodeFormer"
+    assert back.request.noise_seed_delta == 31337
     assert back.version == "v1.10.1"
 
 
@@ -353,11 +358,11 @@ def test_one_trailing_newline_is_ignored():
 
 # ---- 3. errors, and text that is all prompt ---------------------------------------------------------
 
-UNKNOWN_SAMPLER = "a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1, Size: 512x512"
+UNKNOWN_SAMPLER = "a cat\nSteps: 20, Sampler: DPM adaptive, CFG scale: 7, Seed: 1, Size: 512x512"
 
 
 def test_unknown_sampler_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"DPM\+\+ SDE") as e:
+    with pytest.raises(ValueError, match=r"DPM adaptive") as e:
         read(UNKNOWN_SAMPLER)
     assert all(name in str(e.value) for name in SAMPLERS)
 

@@ -108,10 +108,10 @@ def test_long_prompt_is_chunked_not_cut(pipe, caplog):
 
 def test_extra_network_tags_are_removed_and_named(pipe, caplog):
     with caplog.at_level(logging.WARNING, logger="sd15"):
-        tagged = pipe.txt2img("a cat <lora:style:0.8>", seed=1, **SMALL)[0]
-    assert any("<lora:style:0.8>" in r.getMessage() for r in caplog.records if r.name == "sd15")
+        tagged = pipe.txt2img("a cat <hypernet:style:0.8>", seed=1, **SMALL)[0]
+    assert any("<hypernet:style:0.8>" in r.getMessage() for r in caplog.records if r.name == "sd15")
     assert np.array_equal(np.asarray(tagged), np.asarray(pipe.txt2img("a cat ", seed=1, **SMALL)[0]))
-    assert tagged.info["parameters"].startswith("a cat <lora:style:0.8>\n")     # the prompt keeps its tag
+    assert tagged.info["parameters"].startswith("a cat <hypernet:style:0.8>\n")     # the prompt keeps its tag
 
 
 # ---- validation before any model work ------------------------------------------------------------
@@ -149,7 +149,8 @@ TXT2IMG_ERRORS = [
     (dict(steps=0), "steps"), (dict(steps=1001), "steps"), (dict(steps=2.5), "steps"),
     (dict(guidance_scale=float("nan")), "guidance"), (dict(guidance_scale=float("inf")), "guidance"),
     (dict(batch_size=0), "batch"), (dict(batch_size=65), "batch"),
-    (dict(sampler="nope"), "unknown sampler"), (dict(sampler="euler_a", eta=0.5), "eta"),
+    (dict(sampler="nope"), "unknown sampler"), (dict(sampler="euler", eta=0.5), "eta"),
+    (dict(sampler="euler_a", eta=1.5), "eta"), (dict(sampler="DDIM", eta=0.5, hires=dict(scale=9)), "hires scale"),
     (dict(eta=-1.0, sampler="ddim"), "eta"), (dict(seed=-1), "seed"), (dict(seed="42"), "seed"),
     (dict(negative_prompt=["a", "b"]), "negative prompts"), (dict(latents=torch.zeros(1, 4, 5, 5)), "shape"),
 ]

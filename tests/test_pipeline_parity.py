@@ -139,7 +139,7 @@ TXT2IMG = [(name, 0.0) for name in SCHEDULERS] + [("ddim", 0.5), ("ddim", 1.0)]
 def test_txt2img_every_sampler(ours, reference, sampler, eta):
     common = dict(negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64)
     check(ours,
-          run_ours(ours, "txt2img", sampler, 1234, prompt=PROMPT, steps=10, eta=eta, **common),
+          run_ours(ours, "txt2img", sampler, 1234, prompt=PROMPT, steps=10, eta=eta or None, **common),  # own default
           run_reference(reference, StableDiffusionPipeline, sampler, 1234, prompt=PROMPT, num_inference_steps=10,
                         eta=eta, **common))
 

@@ -144,7 +144,7 @@ def test_timesteps_and_sigmas(name, steps):
     sched = reference_scheduler(name)
     sched.set_timesteps(steps)
     plan = make_plan(resolve_sampler(name), steps)
-    if name == "euler_karras":  # fractional t from σ: diffusers interpolates in float32
+    if name in ("euler_karras", "euler_exponential"):  # fractional t from σ: diffusers interpolates in float32
         assert torch.allclose(plan.timesteps, sched.timesteps.double(), rtol=0, atol=1e-4)
     else:
         assert plan.timesteps.tolist() == sched.timesteps.double().tolist()
@@ -152,7 +152,7 @@ def test_timesteps_and_sigmas(name, steps):
     assert plan.init_sigma == pytest.approx(float(sched.init_noise_sigma), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_uniform"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m_uniform", "dpmpp_2m_exponential"])
 def test_integer_grids_sweep(name):
     for steps in range(1, 121):
         sched = reference_scheduler(name)
@@ -325,12 +325,13 @@ def test_bad_strength_and_eta():
             make_plan(spec, 10, strength=strength)
     with pytest.raises(ValueError, match="no step to run"):
         make_plan(spec, 3, strength=0.3)  # int(0.9) == 0 steps kept
-    for sampler, eta in (("euler_a", 0.5), ("ddim", -0.1), ("ddim", 1.5), ("ddim", float("nan"))):
+    for sampler, eta in (("euler", 0.5), ("ddim", -0.1), ("ddim", 1.5), ("ddim", float("nan")), ("euler_a", 1.5)):
         with pytest.raises(ValueError, match="eta"):
             make_plan(resolve_sampler(sampler), 10, options={"eta": eta})
-    assert dict(make_plan(resolve_sampler("euler_a"), 10, options={"eta": 0.0}).options) == {}   # 0: no effect
+    assert dict(make_plan(resolve_sampler("euler"), 10, options={"eta": 0.0}).options) == {}   # 0: no effect
+    assert dict(make_plan(resolve_sampler("euler_a"), 10, options={"eta": 0.0}).options)["eta"] == 0.0   # its own
     with pytest.raises(ValueError, match="has no option eta"):
-        make_plan(resolve_sampler("euler_a"), 10, options={"eta": False})
+        make_plan(resolve_sampler("euler"), 10, options={"eta": False})
     with pytest.raises(ValueError, match="init image"):
         sample(make_plan(spec, 10, strength=0.5), ours_model(toy_eps), torch.zeros(SHAPE))
 
@@ -338,7 +339,10 @@ def test_bad_strength_and_eta():
 def test_options_are_declared_per_sampler():
     """Options come from the table: DDIM declares eta (default 0), the others none; defaults fill in."""
     assert {name: [o.name for o in s.options] for name, s in SAMPLERS.items()} == {
-        "ddim": ["eta"], "ddpm": [], "euler": [], "euler_a": [], "dpmpp_2m": []}
+        "ddim": ["eta"], "ddpm": [], "euler": [], "euler_a": ["eta", "s_noise"], "dpmpp_2m": [], "heun": [], "lms": [],
+        "dpm_2": [], "dpm_2_a": ["eta", "s_noise"], "dpmpp_2s_a": ["eta", "s_noise"], "dpmpp_2m_sde": ["eta", "s_noise"],
+        "dpmpp_2m_sde_heun": ["eta", "s_noise"], "dpmpp_3m_sde": ["eta", "s_noise"], "dpmpp_sde": ["eta", "s_noise"],
+        "plms": [], "unipc": ["order"], "unipc_bh2": ["order"], "deis": ["order"], "lcm": [], "tcd": ["eta"]}
     assert dict(make_plan(resolve_sampler("ddim"), 10).options) == {"eta": 0.0}
     assert dict(make_plan(resolve_sampler("ddim"), 10, options={"eta": 1}).options) == {"eta": 1.0}
 

@@ -123,7 +123,8 @@ def main() -> None:
         with torch.inference_mode():
             ref.unet(x, t, context)
 
-    step()                                                   # warm: prepacked weights, allocator
+    if args.steps:
+        step()                                               # warm: prepacked weights, allocator
     if ref is not None and args.steps:
         ref_step()
     for _ in range(args.repeats):

@@ -154,8 +154,22 @@ SCHEDULERS = {  # our sampler name -> (diffusers scheduler class name, from_conf
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m_uniform": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler_exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
     # -- ODE samplers in σ space --
     # -- SDE samplers --
+    "dpmpp_2m_sde_uniform": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "dpmpp_2m_sde_exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                 "use_exponential_sigmas": True}),
+    "dpmpp_2m_sde_heun_uniform": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                  "solver_type": "heun"}),
+    "dpmpp_2m_sde_heun_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                 "solver_type": "heun", "use_karras_sigmas": True}),
+    "dpmpp_2m_sde_heun_exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                      "solver_type": "heun",
+                                                                      "use_exponential_sigmas": True}),
     # -- multistep VP samplers --
     # -- consistency samplers --
 }

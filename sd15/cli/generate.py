@@ -9,6 +9,7 @@ print one line and exit with status 2.
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -18,8 +19,11 @@ from pathlib import Path
 
 from ..pipeline import png
 from ..pipeline.stages import ti_name
-from ..pipeline.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH, Request
-from ..sampling.registry import SAMPLERS
+from ..pipeline.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
+                                SEED_MODES, Request)
+from ..pipeline.hires import UPSCALERS, Hires
+from ..sampling.registry import SAMPLERS, resolve_sampler
+from ..sampling.schedule_types import SCHEDULE_TYPES
 
 CKPT_ENV = "SD15_CKPT"
 EMBEDDINGS_ENV = "SD15_EMBEDDINGS"
@@ -31,7 +35,9 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 REQUEST_FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
                   "cfg_scale": "guidance_scale", "sampler": "sampler", "seed": "seed", "width": "width",
                   "height": "height", "batch_size": "batch_size", "init_image": "init_image", "strength": "strength",
-                  "clip_skip": "clip_skip"}
+                  "clip_skip": "clip_skip", "seed_mode": "seed_mode", "subseed": "subseed",
+                  "subseed_strength": "subseed_strength", "seed_resize_from": "seed_resize_from",
+                  "noise_seed_delta": "noise_seed_delta"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; 1 disables the negative "
                         "prompt pass)")
-    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, or A1111 names such as 'Euler a', "
-                                     f"'DPM++ 2M Karras' (default {DEFAULT_SAMPLER!r})")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)}, optionally with a schedule type "
+                                     "('euler_a_karras'), or A1111 names such as 'Euler a', 'DPM++ 2M Karras' "
+                                     f"(default {DEFAULT_SAMPLER!r}); --list-samplers shows them all")
+    p.add_argument("--schedule-type", help="A1111's schedule type for the sampler: Automatic (the sampler's "
+                                           f"default), {', '.join(s.label for s in SCHEDULE_TYPES.values())}")
+    p.add_argument("--list-samplers", action="store_true",
+                   help="print every sampler: A1111 name, schedule types, UNet calls, determinism; then exit")
     for name, (option, samplers) in sampler_options().items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float, dest=f"option_{name}",
                        help=f"{', '.join(samplers)}: {option.help} (default {option.default:g})")
     p.add_argument("--seed", type=int, help="random seed; a random one is picked and printed if omitted")
+    p.add_argument("--seed-mode", choices=SEED_MODES,
+                   help="diffusers (default): one generator for the batch; a1111: image i of a batch is the image "
+                        "seed + i gives alone, as in A1111 (needed by the variation-seed options)")
+    p.add_argument("--subseed", type=int, help="a1111: A1111's variation seed (random if --subseed-strength is "
+                                               "given without it)")
+    p.add_argument("--subseed-strength", type=float,
+                   help="a1111: how far toward the variation seed's noise, 0 (none) to 1 (all of it)")
+    p.add_argument("--seed-resize-from", type=size_argument, metavar="WxH",
+                   help="a1111: draw the seed's noise as at this size, centred (keeps a picture across sizes)")
+    p.add_argument("--noise-seed-delta", type=int, metavar="ENSD",
+                   help="a1111: A1111's eta noise seed delta: sampler noise from seed + ENSD (often 31337)")
     p.add_argument("--width", type=int,
                    help=f"image width in pixels, a multiple of 8 (default {DEFAULT_SIZE}; img2img: the init "
                         "image's, which is resized when --width and --height are given)")
@@ -97,8 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet: faster steps on a GPU, but every run pays minutes of compiling "
                         "first (partly cached on disk between runs), so it pays only for many steps or a big "
                         "batch; on CPU the default eager path is faster")
+    p.add_argument("--hires", action="store_true",
+                   help="txt2img: A1111's hires fix, a second img2img pass over the upscaled image (implied by any "
+                        "--hr- option)")
+    p.add_argument("--hr-scale", type=float, help="hires: upscale factor (default 2)")
+    p.add_argument("--hr-resize", type=size_argument, metavar="WxH",
+                   help="hires: upscale to this size instead (0 for one side keeps the aspect ratio)")
+    p.add_argument("--hr-upscaler", help=f"hires: {', '.join(UPSCALERS)} (default Latent)")
+    p.add_argument("--hr-steps", type=int, help="hires: second-pass steps (default 0: as many as the first pass)")
+    p.add_argument("--hr-denoising-strength", type=float, help="hires: second-pass denoising strength (default 0.7)")
+    p.add_argument("--hr-sampler", help="hires: the second pass's sampler (default: the first pass's)")
+    p.add_argument("--hr-prompt", help="hires: the second pass's prompt (default: the first pass's)")
+    p.add_argument("--hr-negative-prompt", help="hires: the second pass's negative prompt (default: the first's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def size_argument(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}")
+    return int(width), int(height)
 
 
 def sampler_options() -> dict[str, tuple]:
@@ -123,10 +164,14 @@ def build_request(args):
                if getattr(args, f"option_{name}") is not None}
     if options:
         given["sampler_options"] = options
+    if args.schedule_type is not None and args.sampler is not None:
+        given["sampler"] = resolve_sampler(args.sampler, args.schedule_type).full_name
     if args.from_png is None:
-        return Request(**given), None
+        request = Request(**given)
+        return with_hires(with_schedule_type(request, args.schedule_type), args), None
     text = read_infotext(Path(args.from_png))
     back = Request.from_infotext(text, **given)
+    back = dataclasses.replace(back, request=with_hires(with_schedule_type(back.request, args.schedule_type), args))
     if back.unsupported:
         log.warning("%s: not applied (fields sd15 does not support, or that do not apply to this request): %s",
                     args.from_png, ", ".join(f"{k}: {v}" for k, v in back.unsupported.items()))
@@ -139,6 +184,51 @@ def build_request(args):
         log.warning("the PNG was made by img2img: pass --init-image (the image it started from) to "
                     "regenerate it; running txt2img with its settings instead")
     return back.request, back
+
+
+def with_schedule_type(request: Request, schedule_type: str | None) -> Request:
+    """--schedule-type alone: the request's sampler (the default, or the PNG's) on that schedule type."""
+    if schedule_type is None:
+        return request
+    sampler = resolve_sampler(request.spec.name).name
+    return dataclasses.replace(request, sampler=resolve_sampler(sampler, schedule_type).full_name)
+
+
+HIRES_FLAGS = {"hr_scale": "scale", "hr_resize": "resize", "hr_upscaler": "upscaler", "hr_steps": "steps",
+               "hr_denoising_strength": "denoising_strength", "hr_sampler": "sampler", "hr_prompt": "prompt",
+               "hr_negative_prompt": "negative_prompt"}
+
+
+def with_hires(request: Request, args) -> Request:
+    """--hires / --hr-*: the request's hires fix (the PNG's, or the defaults) with the options given."""
+    given = {field: getattr(args, flag) for flag, field in HIRES_FLAGS.items() if getattr(args, flag) is not None}
+    if not given and not args.hires:
+        return request
+    return dataclasses.replace(request, hires=dataclasses.replace(request.hires or Hires(), **given))
+
+
+def nfe_formula(nfe) -> str:
+    """A sampler's UNet calls for N steps as a formula: "N", "2N-1", "N+1"."""
+    slope = nfe(3) - nfe(2)
+    offset = nfe(2) - 2 * slope
+    if any(nfe(n) != slope * n + offset for n in (10, 25, 50)):
+        return ", ".join(f"{nfe(n)} for {n}" for n in (1, 10, 25))
+    formula = (f"{slope}N" if slope != 1 else "N") + (f"{offset:+d}" if offset else "")
+    return formula if nfe(1) == slope + offset else f"{formula} ({nfe(1)} for 1)"
+
+
+def list_samplers() -> str:
+    rows = [("name", "A1111 name", "Automatic is", "schedule types", "UNet calls", "deterministic")]
+    for spec in SAMPLERS.values():
+        schedules = ("all" if spec.schedules is None else
+                     ", ".join(SCHEDULE_TYPES[s].label for s in spec.accepted_schedules))
+        rows.append((spec.name, spec.label, SCHEDULE_TYPES[spec.default_schedule].label, schedules,
+                     nfe_formula(spec.nfe), "yes" if spec.deterministic else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + ["", "schedule types: " + ", ".join(f"{s.label} ({s.name})" for s in SCHEDULE_TYPES.values()),
+                              "a name with a schedule: SAMPLER_SCHEDULE (euler_a_karras) or A1111's 'DPM++ 2M Karras'; "
+                              "UNet calls are per guidance pass (CFG doubles the batch, not the calls)"])
 
 
 def read_infotext(path: Path) -> str:
@@ -196,15 +286,16 @@ def check_device(name: str | None) -> None:
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
 
 
-def output_paths(out: str, count: int, seed: int) -> list[Path]:
-    """Where each image goes: a .png name (NAME-i.png for a batch) or NNNNN-SEED.png in a folder.
+def output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """Where each image goes: a .png name (NAME-i.png for a batch) or NNNNN-SEED.png in a folder (each image's
+    own seed: they differ in a1111 seed mode).
 
     Folders are created; existing files are never reused.
     """
     out_path = Path(out)
     if out_path.suffix.lower() in (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
         raise ValueError(f"--out {out}: sd15 writes PNG files (they carry the infotext); use a .png name or a folder")
-    is_file = out_path.suffix.lower() == ".png"
+    is_file, count = out_path.suffix.lower() == ".png", len(seeds)
     folder = out_path.parent if is_file else out_path
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {out}: {folder} exists and is not a folder")
@@ -219,7 +310,7 @@ def output_paths(out: str, count: int, seed: int) -> list[Path]:
     else:
         taken = [int(m.group(1)) for f in folder.iterdir() if (m := re.match(r"(\d{5})-", f.name))]
         start = max(taken, default=-1) + 1
-        paths = [folder / f"{start + i:05d}-{seed}.png" for i in range(count)]
+        paths = [folder / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path} already exists; not overwriting it (choose another --out)")
@@ -277,7 +368,7 @@ def run(args) -> list[Path]:
     request, back = build_request(args)
     check_files(args)
     request = request.with_seed()
-    paths = output_paths(args.out, request.num_images, request.seed)
+    paths = output_paths(args.out, request.all_seeds)
 
     with tempfile.TemporaryDirectory(prefix="sd15-") as tmp:
         pipe = load_pipeline(args, Path(tmp))
@@ -308,13 +399,17 @@ def run(args) -> list[Path]:
         print(path)
     if back is not None and back.batch_pos is not None and len(paths) > back.batch_pos:
         print(f"the PNG was image {back.batch_pos} of its batch: {paths[back.batch_pos]}", file=sys.stderr)
-    print(f"seed: {request.seed}", file=sys.stderr)
+    seeds = dict.fromkeys(request.all_seeds)
+    print(f"seed: {request.seed}" if len(seeds) == 1 else f"seeds: {', '.join(map(str, seeds))}", file=sys.stderr)
     return paths
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_samplers:
+        print(list_samplers())
+        return 0
     if args.prompt is None and args.from_png is None:
         parser.error("the following arguments are required: --prompt (or --from-png IMAGE)")
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
@@ -323,7 +418,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial image was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileExistsError, OSError) as e:      # CheckpointError and ImageError are ValueErrors
+    except (ValueError, FileExistsError, OSError, ImportError) as e:   # CheckpointError, ImageError: ValueErrors;
+        # ImportError: an optional extra a feature needs (torchsde for the SDE samplers), named in the message
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0

@@ -17,6 +17,9 @@ class UNetConfig:
     num_heads: int = 8                        # SD 1.x fixes the head count, so head dim grows 40/80/160
     context_dim: int = 768                    # width of the CLIP text states
     norm_groups: int = 32
+    # LCM-distilled UNets (e.g. LCM_Dreamshaper_v7): width of the guidance-scale embedding that a bias-free
+    # `time_embed.cond_proj` adds to the timestep sinusoid (256); None for every other SD 1.x UNet.
+    time_cond_proj_dim: int | None = None
 
     @property
     def time_embed_dim(self) -> int:

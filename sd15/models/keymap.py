@@ -60,6 +60,11 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
     last = len(widths) - 1
     m = {f"time_embed.0.{p}": f"time_embed.fc1.{p}" for p in WB}
     m |= {f"time_embed.2.{p}": f"time_embed.fc2.{p}" for p in WB}
+    if cfg.time_cond_proj_dim:
+        # LCM-distilled UNets in single-file form keep diffusers' name for the guidance projection: the
+        # diffusers -> original conversion has no rule for it (stable-diffusion.cpp's list of tensors it
+        # skips names this exact key).
+        m["time_embedding.cond_proj.weight"] = "time_embed.cond_proj.weight"
     m |= {f"input_blocks.0.0.{p}": f"conv_in.{p}" for p in WB}
 
     block, ch = 1, cfg.channels                      # input_blocks are numbered across all levels

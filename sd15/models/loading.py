@@ -105,10 +105,12 @@ def unet_config_from_shapes(shapes: Shapes, base: UNetConfig = UNetConfig()) -> 
     widths.append(shapes[f"input_blocks.{block}.0.in_layers.2.weight"][0])
     res_counts.append(res)
     context = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), base.context_dim)
+    cond_proj = shapes.get("time_embedding.cond_proj.weight")           # LCM-distilled: [channels, 256]
     return dataclasses.replace(
         base, in_channels=first[1], out_channels=shapes["out.2.weight"][0], channels=first[0],
         channel_mult=tuple(w // first[0] for w in widths), num_res_blocks=max(res_counts),
-        attention_levels=tuple(attention_levels), context_dim=context)
+        attention_levels=tuple(attention_levels), context_dim=context,
+        time_cond_proj_dim=cond_proj[1] if cond_proj is not None and len(cond_proj) == 2 else None)
 
 
 def vae_config_from_shapes(shapes: Shapes, base: VAEConfig = VAEConfig()) -> VAEConfig:

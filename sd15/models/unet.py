@@ -63,13 +63,28 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoid an LCM-distilled UNet takes its guidance scale in (VDM's embedding, Kingma et al. 2021;
+    diffusers' `get_guidance_scale_embedding`): of 1000·w, **sin first then cos**, frequencies
+    exp(-ln(10000)·i/(dim/2 - 1)) -- not `timestep_embedding`'s order or spacing. w [B] -> [B, dim], float32."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)      # float32 throughout, as diffusers computes it
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step)
+    angles = (w.float() * 1000.0)[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
+
+
 class TimestepMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, cond_dim: int | None = None):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, hidden)
+        # LCM-distilled UNets: the guidance embedding, projected to the sinusoid's width, is added to it.
+        self.cond_proj = Linear(cond_dim, dim, bias=False) if cond_dim else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_proj is not None:
+            x = x + self.cond_proj(cond.to(x.dtype))
         return self.fc2(F.silu(self.fc1(x)))
 
 
@@ -149,7 +164,7 @@ class UNet(nn.Module):
         widths = [cfg.channels * m for m in cfg.channel_mult]
         last = len(widths) - 1
 
-        self.time_embed = TimestepMLP(cfg.channels, tdim)
+        self.time_embed = TimestepMLP(cfg.channels, tdim, cfg.time_cond_proj_dim)
         self.conv_in = Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         # Way down: remember each block's output width; the way up consumes them in reverse.
@@ -189,11 +204,21 @@ class UNet(nn.Module):
         """How many skip tensors the way down saves (what `Residuals.skips` must hold)."""
         return 1 + sum(len(level.res) + (level.resample is not None) for level in self.down)
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor, residuals: Residuals | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, residuals: Residuals | None = None, *,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise ε in latents `x` [B,C,h,w] at timestep `t` (number, 0-d or [B]) given text states
-        `context` [B, N, context_dim] (any N: long prompts are 77·k tokens)."""
+        `context` [B, N, context_dim] (any N: long prompts are 77·k tokens).
+
+        timestep_cond: an LCM-distilled UNet's guidance input, `guidance_embedding(w, time_cond_proj_dim)`
+        [B, dim] (diffusers' `timestep_cond`); required by such a UNet, refused by any other."""
+        if (timestep_cond is None) != (self.time_embed.cond_proj is None):
+            raise ValueError("this UNet is LCM-distilled: it takes its guidance scale as an input, pass "
+                             "timestep_cond=guidance_embedding(w, cfg.time_cond_proj_dim) (see "
+                             "sd15.sampling.consistency.embedded_guidance)" if timestep_cond is None else
+                             "timestep_cond is only for LCM-distilled UNets (with a guidance embedding); "
+                             "this one has none")
         t = batch_timesteps(t, x.shape[0], x.device)
-        time_emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+        time_emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(x.dtype), timestep_cond)
 
         h = self.conv_in(x)
         skips = [h]

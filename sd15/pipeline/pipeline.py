@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .. import adapters
-from ..adapters.library import Loras
+from ..adapters import Loras, merged, on_the_fly
 from ..conditioning import CLIPTokenizer
 from ..conditioning.embeddings import Embedding, Embeddings
 from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
@@ -72,14 +71,21 @@ class Pipeline:
             raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
                              "trace them): use lora_mode='merge', or do not compile")
         if uses and not on_the_fly:      # the models change for this generation: it has them alone
-            lock, apply = self._models_lock.exclusive(), adapters.merged(self.text_encoder, self.unet, uses)
+            lock, apply = self._models_lock.exclusive(), merged(self.text_encoder, self.unet, uses)
         else:
             lock = self._models_lock.shared()
-            apply = adapters.on_the_fly(self.text_encoder, self.unet, uses) if uses else contextlib.nullcontext()
+            apply = on_the_fly(self.text_encoder, self.unet, uses) if uses else contextlib.nullcontext()
         with lock, apply, torch.inference_mode():
             cond = stages.conditioning(self, run)
             start = stages.initial_latents(self, run)
-            latents = stages.denoise(self, run, cond, start, progress)
+            hires = run.request.hires
+            first = progress
+            if hires is not None and progress is not None:     # one count over both passes
+                total = run.plan.num_steps + (hires.steps or run.request.steps)
+                first = lambda i, n, x: progress(i, total, x)   # noqa: E731
+            latents = stages.denoise(self, run, cond, start, first)
+            if hires is not None:
+                latents = stages.hires_pass(self, run, latents, progress)
             pixels = stages.decode(self, latents)
         return stages.annotate(pixels, run, self.model_info, cond, uses)
 
@@ -88,39 +94,43 @@ class Pipeline:
                 sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
                 height: int | None = None, batch_size: int = 1, eta: float | None = None,
                 latents: torch.Tensor | None = None, clip_skip: int = 1, prompt_syntax: str = "a1111",
-                emphasis: str = "original", progress: Progress | None = None) -> list[Image.Image]:
+                emphasis: str = "original", seed_mode: str = "diffusers", hires=None,
+                progress: Progress | None = None) -> list[Image.Image]:
         """Images from text (512x512 unless width and height are given). A list of prompts gives
         `batch_size` images for each prompt.
 
         `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta`: the sampler's
         eta (DDIM's, 0 by default; the ancestral and SDE samplers', 1 by default); None keeps its default,
-        and 0 is accepted by every sampler. clip_skip, prompt_syntax, emphasis: see Request.
+        and 0 is accepted by every sampler. clip_skip, prompt_syntax, emphasis, seed_mode, hires (a `Hires` or
+        a dict of its fields): see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                                     steps=steps, sampler=sampler, sampler_options={} if eta is None else {"eta": eta},
+                                     steps=steps, sampler=sampler,
+                                     sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      latents=latents, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                                     emphasis=emphasis), progress)
+                                     emphasis=emphasis, seed_mode=seed_mode, hires=hires), progress)
 
     def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER,
                 seed: int | None = None, batch_size: int = 1, eta: float | None = None,
                 width: int | None = None, height: int | None = None, clip_skip: int = 1,
-                prompt_syntax: str = "a1111", emphasis: str = "original",
+                prompt_syntax: str = "a1111", emphasis: str = "original", seed_mode: str = "diffusers",
                 progress: Progress | None = None) -> list[Image.Image]:
         """Re-draw `image` (PIL image, path, or [B,3,H,W] tensor in [0, 1]) guided by `prompt`.
 
         Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
         nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
         "Just resize"). The last int(steps·strength) steps run; strength defaults to 0.75.
-        clip_skip, prompt_syntax, emphasis: see Request.
+        clip_skip, prompt_syntax, emphasis, seed_mode: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                                     steps=steps, sampler=sampler, sampler_options={} if eta is None else {"eta": eta},
+                                     steps=steps, sampler=sampler,
+                                     sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      init_image=image, strength=strength, clip_skip=clip_skip,
-                                     prompt_syntax=prompt_syntax, emphasis=emphasis), progress)
+                                     prompt_syntax=prompt_syntax, emphasis=emphasis, seed_mode=seed_mode), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ from ..conditioning.prompts import EMPHASES, SYNTAXES
 from ..models.config import VAEConfig
 from ..sampling import SAMPLERS, SamplerSpec, kept_steps, resolve_sampler
 from . import validation
+from .hires import Hires
+from .hires import check as hires_check
+from .hires import describe as describe_hires
 from .images import Pixels
 from .infotext import format_infotext, parse_infotext
 
@@ -36,6 +39,7 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5          # the value SD 1.5 was tuned around
 DEFAULT_SIZE = 512              # SD 1.5's training size
 DEFAULT_STRENGTH = 0.75         # img2img, as A1111's and diffusers' default
+SEED_MODES = ("diffusers", "a1111")
 SD1_DOWNSCALE = VAEConfig().downscale    # pixels per latent pixel; the pipeline re-checks its own VAE's
 
 
@@ -71,6 +75,12 @@ class Request:
     prompt_syntax: str = "a1111"        # "a1111": emphasis, BREAK, prompt editing, AND, tags; "plain": literal text
     emphasis: str = "original"          # A1111's emphasis mode: "original", or "none" (brackets and BREAK as text)
     loras: tuple[LoraSpec, ...] = ()     # besides the prompt's <lora:...> tags: (name or path, w) or (.., te, unet)
+    seed_mode: str = "diffusers"        # "diffusers": one generator for the batch; "a1111": image i is seed + i alone
+    subseed: int | None = None          # A1111's variation seed (a1111 mode); None: a random one when strength > 0
+    subseed_strength: float = 0.0       # 0: the seed's noise ... 1: the variation seed's (A1111's slerp)
+    seed_resize_from: tuple[int, int] | None = None   # (width, height): the seed's noise as drawn at that size
+    noise_seed_delta: int = 0           # A1111's ENSD: sampler noise from seed + delta (a1111 mode)
+    hires: Hires | None = None          # txt2img: A1111's hires fix, a second pass over the upscaled first
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -97,6 +107,7 @@ class Request:
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
+        self._check_seed_mode(set_)
         validation.check_batch(self.batch_size)
         validation.check_batch(self.num_images, "images in one batch (prompts x batch size)")
         if self.init_image is None and self.strength not in (None, 1, 1.0):
@@ -117,6 +128,12 @@ class Request:
             if self.num_images % len(self.init_image):
                 raise ValueError(f"{len(self.init_image)} init images cannot be spread over a batch of "
                                  f"{self.num_images} images")
+        set_("hires", Hires.of(self.hires))
+        if self.hires is not None:
+            if self.init_image is not None:
+                raise ValueError("the hires fix is a txt2img second pass; an img2img request has its init image "
+                                 "(upscale it, then run img2img at the size you want)")
+            hires_check(self)
         if self.latents is not None:
             if not isinstance(self.latents, torch.Tensor):
                 raise ValueError(f"latents must be a tensor, got {type(self.latents).__name__}")
@@ -124,7 +141,42 @@ class Request:
                 raise ValueError("latents replace txt2img's initial noise; img2img starts from its init image")
             set_("latents", self.latents.detach().clone())     # the request's own: the caller may reuse theirs
 
+    def _check_seed_mode(self, set_) -> None:
+        if self.seed_mode not in SEED_MODES:
+            raise ValueError(f"seed_mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
+        validation.check_seed(self.subseed, "subseed")
+        strength = self.subseed_strength
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
+            raise ValueError(f"subseed_strength must be a number in [0, 1], got {strength!r}")
+        set_("subseed_strength", float(strength))
+        if self.seed_resize_from is not None:
+            size = self.seed_resize_from
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 16384 for v in size)):
+                raise ValueError(f"seed_resize_from must be (width, height) in pixels, from 8 to 16384, got {size!r}")
+            set_("seed_resize_from", (int(size[0]), int(size[1])))
+        delta = self.noise_seed_delta
+        if not isinstance(delta, int) or isinstance(delta, bool) or not 0 <= delta < 2**32:
+            raise ValueError(f"noise_seed_delta (A1111's ENSD) must be an integer in [0, 2**32), got {delta!r}")
+        a1111_only = [name for name, on in (("subseed_strength", self.subseed_strength != 0),
+                                            ("seed_resize_from", self.seed_resize_from is not None),
+                                            ("noise_seed_delta", self.noise_seed_delta != 0)) if on]
+        if a1111_only and self.seed_mode != "a1111":
+            raise ValueError(f"{', '.join(a1111_only)} shape A1111's per-image noise: set seed_mode='a1111' "
+                             "(CLI: --seed-mode a1111)")
+
     # ---- derived --------------------------------------------------------------------------------------
+
+    @property
+    def all_seeds(self) -> list[int | None]:
+        """Each image's seed: the request's for all in diffusers mode; seed + i in a1111 mode (A1111 keeps one
+        seed for all and steps the variation seed instead when subseed_strength is set)."""
+        step = self.seed_mode == "a1111" and self.subseed_strength == 0 and self.seed is not None
+        return [self.seed + i if step else self.seed for i in range(self.num_images)]
+
+    @property
+    def all_subseeds(self) -> list[int | None]:
+        return [None if self.subseed is None else self.subseed + i for i in range(self.num_images)]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -154,7 +206,12 @@ class Request:
 
     def with_seed(self) -> "Request":
         """This request with its seed fixed (a random one if it had none)."""
-        return self if self.seed is not None else dataclasses.replace(self, seed=random_seed())
+        picks = {}
+        if self.seed is None:
+            picks["seed"] = random_seed()
+        if self.subseed is None and self.subseed_strength != 0:
+            picks["subseed"] = random_seed()
+        return dataclasses.replace(self, **picks) if picks else self
 
     def __eq__(self, other) -> bool:
         """Equal when they describe the same generation (an unset size equals the size it resolves to)."""
@@ -228,6 +285,7 @@ class _ReadContext:
     version: str | None
     model: ModelInfo = ModelInfo()
     sampler: str | None = None        # the sampler read (its options are read for it)
+    seed_mode: str | None = None
     batch_pos: int | None = None
     ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     lora_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -265,7 +323,8 @@ def _read_sampler(fields: dict[str, str], context: _ReadContext) -> dict[str, ob
     try:        # "DPM++ 2M" + "Karras", or a pre-1.9 "DPM++ 2M Karras" (+ a redundant "Karras")
         spec = resolve_sampler(label, schedule)
     except ValueError:
-        shown = label if schedule is None else f"{label}, schedule type {schedule}"
+        automatic = schedule is None or schedule.strip().lower() in ("", "automatic")
+        shown = label if automatic else f"{label}, schedule type {schedule}"
         raise ValueError(f"the infotext's sampler ({shown}) is not one sd15 has; choose one with --sampler "
                          f"(Python: sampler=): {', '.join(SAMPLERS)}") from None
     context.sampler = spec.full_name
@@ -300,6 +359,57 @@ def _read_model(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
     return {}
 
 
+def _write_hires(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    h = r.hires
+    if h is None:
+        return {}
+    fields: dict[str, object] = {"Denoising strength": h.denoising_strength, **describe_hires(h)}
+    if h.sampler is not None and h.sampler != r.sampler:
+        spec = resolve_sampler(h.sampler)
+        fields |= {"Hires sampler": spec.label, "Hires schedule type": spec.schedule_type}
+    return fields | {"Hires prompt": h.prompt, "Hires negative prompt": h.negative_prompt}
+
+
+HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler", "Hires steps")
+
+
+def _read_hires(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    if not any(key in fields for key in HIRES_KEYS) or context.overrides.get("init_image") is not None:
+        return {}
+    raw = {k: fields[k] for k in (*HIRES_KEYS, "Denoising strength", "Hires sampler", "Hires schedule type",
+                                  "Hires prompt", "Hires negative prompt") if k in fields}
+    try:
+        return {"hires": _hires_fields(fields)}
+    except ValueError:          # e.g. an upscaler sd15 does not have (ESRGAN): named, and the pass left out
+        for key in raw:
+            fields.pop(key, None)
+        context.unsupported |= raw
+        return {}
+
+
+def _hires_fields(fields: dict[str, str]) -> Hires:
+    kwargs: dict[str, object] = {}
+    if "Hires upscale" in fields:
+        kwargs["scale"] = _number(float, "Hires upscale", fields.pop("Hires upscale"))
+    if "Hires resize" in fields:
+        value = fields.pop("Hires resize")
+        w, _, h = value.partition("x")
+        kwargs["resize"] = (_number(int, "Hires resize", w), _number(int, "Hires resize", h))
+    if "Hires upscaler" in fields:
+        kwargs["upscaler"] = fields.pop("Hires upscaler").strip()
+    if "Hires steps" in fields:
+        kwargs["steps"] = _number(int, "Hires steps", fields.pop("Hires steps"))
+    if "Denoising strength" in fields:
+        kwargs["denoising_strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
+    label, schedule = fields.pop("Hires sampler", None), fields.pop("Hires schedule type", None)
+    if label is not None and label.strip().lower() != "use same sampler":
+        kwargs["sampler"] = resolve_sampler(label, schedule).full_name
+    for key, name in (("Hires prompt", "prompt"), ("Hires negative prompt", "negative_prompt")):
+        if key in fields:
+            kwargs[name] = fields.pop(key)
+    return Hires(**kwargs)
+
+
 def _read_strength(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
     if "Denoising strength" not in fields:
         return {}
@@ -310,9 +420,43 @@ def _read_strength(fields: dict[str, str], context: _ReadContext) -> dict[str, o
     return {"strength": _number(float, "Denoising strength", value)}
 
 
+def _write_seed_mode(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    if r.seed_mode != "a1111":
+        return {}
+    variation = r.subseed_strength != 0
+    return {"Seed mode": "a1111" if r.seed_mode == "a1111" else None,
+            "Variation seed": r.all_subseeds[i] if variation else None,
+            "Variation seed strength": r.subseed_strength if variation else None,
+            "Seed resize from": None if r.seed_resize_from is None else "{}x{}".format(*r.seed_resize_from),
+            "ENSD": r.noise_seed_delta or None}
+
+
+def _read_seed_mode(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    """"Seed mode" is sd15's field; an A1111 image (it writes "Version") was seeded per image, A1111's way."""
+    mode = fields.pop("Seed mode", None)
+    mode = mode.strip() if mode is not None else ("a1111" if context.from_a1111 else None)
+    context.seed_mode = context.overrides.get("seed_mode", mode)
+    if mode is None:
+        return {}
+    out: dict[str, object] = {"seed_mode": mode}
+    if "Variation seed" in fields:
+        out["subseed"] = _number(int, "Variation seed", fields.pop("Variation seed"))
+    if "Variation seed strength" in fields:
+        out["subseed_strength"] = _number(float, "Variation seed strength", fields.pop("Variation seed strength"))
+    if "Seed resize from" in fields:
+        value = fields.pop("Seed resize from")
+        w, _, h = value.partition("x")
+        size = (_number(int, "Seed resize from", w), _number(int, "Seed resize from", h))
+        if size[0] > 0 and size[1] > 0:            # A1111 writes -1x-1 for "off" in some versions
+            out["seed_resize_from"] = size
+    if "ENSD" in fields:
+        out["noise_seed_delta"] = _number(int, "ENSD", fields.pop("ENSD"))
+    return out
+
+
 def _read_batch(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
     size, pos = fields.pop("Batch size", None), fields.pop("Batch pos", None)
-    if size is None or context.from_a1111:       # an A1111 image's seed is its own: regenerate it alone
+    if size is None or context.from_a1111 or context.seed_mode == "a1111":   # each image's seed is its own: alone
         return {}
     context.batch_pos = int(pos) if pos is not None and pos.strip().isdigit() else None
     return {"batch_size": _number(int, "Batch size", size)}
@@ -364,10 +508,13 @@ INFOTEXT: tuple[Codec, ...] = (
     _plain("Steps", "steps", int),
     Codec(_write_sampler, _read_sampler),
     _plain("CFG scale", "guidance_scale", float),
-    _plain("Seed", "seed", int),
+    Codec(lambda r, i, m: {"Seed": r.all_seeds[i]}, lambda f, c: {"seed": _number(int, "Seed", f.pop("Seed"))}
+          if "Seed" in f else {}),
+    Codec(_write_seed_mode, _read_seed_mode),
     Codec(lambda r, i, m: {"Size": "{}x{}".format(*r.size)}, _read_size),
     Codec(lambda r, i, m: {"Model hash": m.hash, "Model": m.name, "VAE": m.vae}, _read_model),
-    Codec(lambda r, i, m: {"Denoising strength": r.strength if r.init_image is not None else None}, _read_strength),
+    Codec(_write_hires, _read_hires),
+    Codec(lambda r, i, m: {"Denoising strength": r.strength} if r.init_image is not None else {}, _read_strength),
     Codec(lambda r, i, m: {"Clip skip": r.clip_skip if r.clip_skip != 1 else None},
           lambda f, c: {"clip_skip": _number(int, "Clip skip", f.pop("Clip skip"))} if "Clip skip" in f else {}),
     Codec(lambda r, i, m: {"Emphasis": "None" if r.emphasis == "none" else None,

@@ -4,6 +4,7 @@
     cond   = conditioning(models, run)            prompts -> text states (cond, uncond)
     start  = initial_latents(models, run)         noise, or an encoded init image and its noise
     x      = denoise(models, run, cond, start)    the sampler over the guided UNet
+    x      = hires_pass(models, run, x)           (hires fix only) upscale, then a second run at the new size
     pixels = decode(models, x)                    latents -> images (float32 retry for a NaN)
     images = annotate(pixels, run, model info)    PIL images carrying the seed and the A1111 infotext
 
@@ -12,16 +13,16 @@ is a new field of the request and a new stage (or a wrapper of the model inside 
 method. Stages read the shared models and change none of them, so generations on several threads can
 share one set of models (see docs/architecture.md, "Threads").
 
-Seeds follow diffusers (docs/architecture.md, "Seeds"): one CPU generator per generation; the initial
-noise for the whole batch is drawn first (img2img: the VAE posterior sample, then the forward noise),
-then whatever the sampler draws per step.
+Seeds (docs/architecture.md, "Seeds"): the request's seed mode picks the noise source, diffusers' one CPU
+generator per generation (img2img: the VAE posterior sample, then the initial noise, then whatever the
+sampler draws per step) or A1111's generator per image (`noise_source`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,9 +33,11 @@ from ..adapters.library import TAG_KINDS, spec_from_tag
 from ..adapters.names import module_index
 from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning, split_tags
 from ..models.latents import to_diffusion
-from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, make_plan, sample
+from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, hires_schedule, make_plan, sample
+from ..sampling.consistency import embedded_guidance
 from ..sampling.guidance import guided_by_step, stack_padded
-from . import validation, vae_io
+from ..sampling.seeds import A1111Noise
+from . import hires, validation, vae_io
 from .images import tensor_to_pil
 from .request import ModelInfo, Request
 
@@ -82,7 +85,17 @@ def prepare(models: Models, request: Request) -> Run:
     if request.latents is not None and tuple(request.latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape} for this request, got {tuple(request.latents.shape)}")
     plan = make_plan(request.spec, request.steps, request.strength, request.sampler_options)
-    return Run(request, plan, GeneratorNoise.seeded(request.seed, models.dtype), shape)
+    return Run(request, plan, noise_source(request, models.dtype, factor), shape)
+
+
+def noise_source(request: Request, dtype: torch.dtype, downscale: int) -> NoiseSource:
+    """The request's seed policy: diffusers' one generator (drawing in the models' dtype, as diffusers does),
+    or A1111's generator per image."""
+    if request.seed_mode == "a1111":
+        return A1111Noise(request.all_seeds, subseeds=request.all_subseeds if request.subseed_strength else (),
+                          subseed_strength=request.subseed_strength, resize_from=request.seed_resize_from,
+                          seed_delta=request.noise_seed_delta, downscale=downscale)
+    return GeneratorNoise.seeded(request.seed, dtype)
 
 
 def adapters(models: Models, run: Run) -> list[Use]:
@@ -126,21 +139,31 @@ def initial_latents(models: Models, run: Run) -> Start:
     state = sampler_dtype(models.dtype)
     image = run.request.init_image
     if image is None:
-        noise = run.request.latents if run.request.latents is not None else run.noise.draw(run.latent_shape)
+        noise = run.request.latents if run.request.latents is not None else run.noise.first(run.latent_shape)
         return Start(noise.to(models.device, state))
     # diffusers' order: the posterior sample first, then the forward-process noise.
-    mean, logvar = vae_io.encode_distribution(models.vae, image.tensor.to(models.device, models.dtype))
-    eps = run.noise.draw(tuple(mean.shape)).to(models.device, state)
+    x0 = encode_sample(models, run, image.tensor.to(models.device, models.dtype))
+    x0 = x0.repeat(run.latent_shape[0] // len(image), 1, 1, 1)
+    return Start(run.noise.first(tuple(x0.shape)).to(models.device, state), x0)
+
+
+def encode_sample(models: Models, run: Run, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> clean diffusion latents: a sample of the VAE posterior (its noise from the run's
+    source), in the sampler's dtype."""
+    state = sampler_dtype(models.dtype)
+    mean, logvar = vae_io.encode_distribution(models.vae, images)
+    eps = run.noise.posterior(tuple(mean.shape)).to(models.device, state)
     mean, logvar = mean.to(state), logvar.to(state)
-    x0 = to_diffusion(mean + torch.exp(0.5 * logvar) * eps).repeat(run.latent_shape[0] // len(image), 1, 1, 1)
-    return Start(run.noise.draw(tuple(x0.shape)).to(models.device, state), x0)
+    return to_diffusion(mean + torch.exp(0.5 * logvar) * eps)
 
 
 def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
             progress: Progress | None = None) -> torch.Tensor:
     """The sampler over the guided UNet; `progress(step, total, latents)` after each step."""
     scale = run.request.guidance_scale
-    if cond.simple:        # one text per image, no schedule: the batched path diffusers' parity is held to
+    if models.unet.cfg.time_cond_proj_dim:
+        model = lcm_distilled(models, run, cond)
+    elif cond.simple:        # one text per image, no schedule: the batched path diffusers' parity is held to
         texts, untexts = cond.at(0)
         model = guided(models.unet, stack_padded([parts[0][1] for parts in texts]),
                        None if untexts is None else stack_padded(untexts), scale)
@@ -151,6 +174,43 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
         if progress is not None:
             progress(i, run.plan.num_steps, x)
     return x
+
+
+def lcm_distilled(models: Models, run: Run, cond: Conditioning):
+    """An LCM-distilled UNet takes the guidance scale as an input (its guidance embedding) and runs one
+    conditional pass per step: no negative prompt, as in diffusers' LatentConsistencyModelPipeline."""
+    if not replace(cond, uncond=None).simple:      # the negatives are never run: their syntax does not matter
+        raise ValueError("this checkpoint is an LCM-distilled UNet (guidance embedding): prompt editing, "
+                         "alternation and AND need classifier-free guidance, which it does not run; use a "
+                         "plain prompt, or LCM-LoRA on an ordinary SD1.5 checkpoint")
+    if any(run.request.per_image()[1]):
+        log.warning("this checkpoint is an LCM-distilled UNet: it runs no negative-prompt pass, so the negative "
+                    "prompt is not used")
+    texts, _ = cond.at(0)
+    return embedded_guidance(models.unet, stack_padded([parts[0][1] for parts in texts]), run.request.guidance_scale)
+
+
+def hires_pass(models: Models, run: Run, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    """The upscale and the img2img pass over the first pass's final latents; returns the final latents."""
+    request, factor = run.request, models.vae.cfg.downscale
+    t = hires.target(*request.size, request.hires, factor)
+    upscaler = request.hires.upscaler
+    second = hires.second_pass_request(request, factor)
+    total = hires_schedule(second.steps, request.hires.denoising_strength)
+    plan = make_plan(second.spec, total, options=second.sampler_options, run=second.steps)
+    run2 = Run(second, plan, noise_source(second, models.dtype, factor),
+               (run.latent_shape[0], run.latent_shape[1], *reversed(t.latent_size)))
+    state = latents.dtype
+    if upscaler in hires.LATENT_UPSCALERS:
+        x0 = hires.crop(hires.upscale_latents(latents, t, upscaler), t)
+    else:
+        pixels = hires.upscale_pixels(tensor_to_pil(decode(models, latents)), t, upscaler)
+        x0 = hires.crop(encode_sample(models, run2, pixels.to(models.device, models.dtype)), t)
+    start = Start(run2.noise.first(tuple(x0.shape)).to(models.device, state), x0.to(state))
+    cond = conditioning(models, run2)
+    done = run.plan.num_steps
+    shifted = None if progress is None else (lambda i, n, x: progress(done + i, done + n, x))
+    return denoise(models, run2, cond, start, shifted)
 
 
 def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
@@ -167,6 +227,6 @@ def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditionin
     if cond.embeddings:             # A1111's form: "name: hash, name: hash", names without ":" and ","
         extra["TI hashes"] = ", ".join(f"{ti_name(e.name)}: {e.hash}" for e in cond.embeddings)
     for i, image in enumerate(images):
-        image.info["seed"] = run.request.seed
+        image.info["seed"] = run.request.all_seeds[i]
         image.info["parameters"] = run.request.infotext(i, model, extra)
     return images

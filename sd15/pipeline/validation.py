@@ -44,9 +44,9 @@ def check_clip_skip(clip_skip) -> None:
                          " (A1111's numbering: 2 is diffusers' clip_skip=1)")
 
 
-def check_seed(seed) -> None:
+def check_seed(seed, name: str = "seed") -> None:
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
 
 
 def texts(value, name: str) -> str | tuple[str, ...]:

@@ -4,10 +4,13 @@ A grid function takes (steps, schedule config) and returns (timesteps [n] float6
 the UNet's t at each step, and σ before each step followed by σ after the last one.
 """
 
+import math
+
 import torch
 
 from .schedule import (ScheduleConfig, dpm_timesteps, karras_sigmas, leading_timesteps, linspace_timesteps,
-                       sigma_at, sigma_table, timestep_at)
+                       np_linspace_between, sigma_at, sigma_table, timestep_at)
+from .schedule_types import exponential as exponential_sigmas
 
 Grid = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,3 +56,18 @@ def from_sigmas(sigmas: torch.Tensor, cfg: ScheduleConfig, round_timesteps: bool
     t = timestep_at(sigmas, cfg)
     t = t.round() if round_timesteps else t.float().double()   # diffusers keeps fractional t in float32
     return t, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def euler_exponential_grid(steps: int, cfg: ScheduleConfig) -> Grid:
+    # As euler_karras_grid: between the σ of Euler's own linspace grid (one step: σ_0 alone, diffusers' quirk).
+    linear = sigma_at(linspace_timesteps(steps, cfg), cfg)
+    sigmas = np_linspace_between(math.log(float(linear[0])), math.log(float(linear[-1])), steps).exp()
+    return timestep_at(sigmas, cfg).float().double(), torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def dpm_exponential_grid(steps: int, cfg: ScheduleConfig) -> Grid:
+    # DPMSolverMultistepScheduler rounds the timesteps of its Karras grid but not those of its exponential one,
+    # which it casts to int64: truncated. Its σ_max comes back a hair below the table's (exp of log), so the
+    # first step runs at t = 998, not 999; the 1e-9 reproduces that without moving any other timestep.
+    sigmas = exponential_sigmas(steps, cfg)
+    return (timestep_at(sigmas, cfg) - 1e-9).trunc().clamp(min=0), torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -37,6 +37,8 @@ class Plan:
     strength: float
     options: Mapping[str, float]   # every option of the sampler, defaults filled in (read-only)
     schedule: ScheduleConfig
+    schedule_steps: int = 0        # length of the whole schedule the plan is the tail of (0: the plan's own)
+    schedule_sigma_max: float = 0.0   # its first σ: SDE samplers root their Brownian trees there (0: the plan's)
 
     @property
     def num_steps(self) -> int:
@@ -65,16 +67,36 @@ def kept_steps(steps: int, strength: float, num_train_steps: int = ScheduleConfi
 
 
 def make_plan(sampler: SamplerSpec, steps: int, strength: float = 1.0, options: Mapping[str, float] | None = None,
-              schedule: ScheduleConfig = ScheduleConfig()) -> Plan:
+              schedule: ScheduleConfig = ScheduleConfig(), *, run: int | None = None) -> Plan:
     """The schedule of `steps` steps, of which the last int(steps·strength) run (img2img keeps a tail,
-    exactly as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps does)."""
-    kept = kept_steps(steps, strength, schedule.num_train_steps)
+    exactly as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps does), or the last `run` of them
+    (A1111's hires pass: exactly that many, `hires_schedule`)."""
+    if run is not None:
+        kept_steps(steps, 1.0, schedule.num_train_steps)
+        if not isinstance(run, int) or isinstance(run, bool) or not 1 <= run <= steps:
+            raise ValueError(f"cannot run the last {run!r} steps of a {steps}-step schedule")
+        strength = run / steps
+    kept = run if run is not None else kept_steps(steps, strength, schedule.num_train_steps)
     checked = sampler.check_options(options or {})
     timesteps, sigmas = sampler.make_grid(steps, schedule)
     init_sigma = 1.0 if sampler.vp else float(sigmas.max())
     start = steps - kept
     return Plan(sampler, timesteps[start:], sigmas[start:], init_sigma, strength,
-                types.MappingProxyType(checked), schedule)
+                types.MappingProxyType(checked), schedule, steps, float(sigmas.max()))
+
+
+def hires_schedule(steps: int, strength: float) -> int:
+    """The schedule length whose last `steps` steps A1111's hires pass runs at denoising `strength`:
+    int(steps / min(strength, 0.999)) (its "fix steps" img2img arithmetic: exactly `steps` run)."""
+    kept_steps(steps, 1.0)
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValueError(f"denoising strength must be in (0, 1], got {strength!r}")
+    total = int(steps / min(strength, 0.999))
+    if total > ScheduleConfig().num_train_steps:
+        raise ValueError(f"{steps} hires steps at denoising strength {strength} need a {total}-step schedule, more "
+                         f"than the {ScheduleConfig().num_train_steps} training timesteps; use fewer steps or a "
+                         "higher strength")
+    return total
 
 
 def noised(plan: Plan, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -99,6 +121,9 @@ class NoNoise:
         raise ValueError("this run draws noise: pass a noise source (e.g. GeneratorNoise.seeded(seed))")
 
     def step(self, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        return self.draw(tuple(x.shape))
+
+    def sde_noise(self, x: torch.Tensor, sigma_min: float, sigma_max: float, *, brownian: bool):
         return self.draw(tuple(x.shape))
 
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import grids
+from .ode_samplers import (dpm2_exponential_grid, dpm2_karras_grid, sample_dpm2, sample_dpm2_ancestral,
+                           sample_dpmpp_2s_ancestral, sample_heun, sample_lms)
+from .consistency import lcm_grid, sample_lcm, sample_tcd, tcd_grid
+from .multistep import (deis_exponential_grid, deis_karras_grid, plms_nfe, sample_deis, sample_plms,
+                        sample_unipc, sample_unipc_bh2, sigma_min_grid)
 from .samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
+from .sde_samplers import (dpmpp_sde_exponential_grid, dpmpp_sde_grid, dpmpp_sde_karras_grid, dpmpp_sde_nfe,
+                           sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_3m_sde, sample_dpmpp_sde)
 from .schedule import ScheduleConfig
 from .schedule_types import SCHEDULE_TYPES
 
@@ -31,6 +38,7 @@ class Option:
     infotext: str      # A1111's infotext key, e.g. "Eta DDIM"
     help: str
     legacy_infotext: str | None = None    # a key older sd15 versions wrote, still read
+    integer: bool = False                 # a count (a solver order): whole numbers only, written as such
 
 
 # The value at which an option changes nothing for a sampler that does not have it: eta 0 is no added
@@ -64,6 +72,9 @@ class SamplerSpec:
     schedules: tuple[str, ...] | None = None  # the schedule types it takes; None: all of SCHEDULE_TYPES
     round_timesteps: bool = False  # diffusers' scheduler rounds t under σ schedules (DPMSolverMultistep)
     grids_for: Mapping[str, GridFn] = field(default_factory=dict)   # schedule type -> diffusers' own grid for it
+    nfe: Callable[[int], int] = lambda steps: steps   # UNet calls (per guidance pass) of a run of that many steps
+    deterministic: bool = True   # False: draws noise every step (with its default options)
+    discard_penultimate_sigma: bool = False   # A1111's DPM2 flag: grid of steps+1, the last σ before 0 dropped
     schedule: str = ""  # the bound schedule type; "" on a table row means its default_schedule
 
     def __post_init__(self):
@@ -94,6 +105,12 @@ class SamplerSpec:
         return SCHEDULE_TYPES[self.schedule].label
 
     def make_grid(self, steps: int, cfg: ScheduleConfig) -> grids.Grid:
+        if self.discard_penultimate_sigma:   # A1111 (sd_samplers_kdiffusion.get_sigmas), every schedule type:
+            timesteps, sigmas = self._grid(steps + 1, cfg)   # one level more, then the last one above 0 dropped
+            return timesteps[:-1], torch.cat([sigmas[:-2], sigmas[-1:]])
+        return self._grid(steps, cfg)
+
+    def _grid(self, steps: int, cfg: ScheduleConfig) -> grids.Grid:
         if self.schedule in self.grids_for:
             return self.grids_for[self.schedule](steps, cfg)
         kind = SCHEDULE_TYPES[self.schedule]
@@ -116,29 +133,75 @@ class SamplerSpec:
                     or not option.low <= value <= option.high):
                 raise ValueError(f"{name}={value!r} is not valid for {self.name}: {name} must be a number in "
                                  f"[{option.low:g}, {option.high:g}] ({option.help})")
+            if option.integer and value != int(value):
+                raise ValueError(f"{name}={value!r} is not valid for {self.name}: {name} is a whole number "
+                                 f"from {option.low:g} to {option.high:g} ({option.help})")
             if keep_defaults or value != option.default:
-                out[name] = float(value)
+                out[name] = int(value) if option.integer else float(value)
         return out
 
 
 TIMESTEPS_ONLY = ("uniform",)   # samplers that walk their own timesteps (A1111's "timesteps" samplers)
 
 ETA_DDIM = Option("eta", 0.0, 0.0, 1.0, "Eta DDIM", "0 deterministic, 1 DDPM-like noise", legacy_infotext="Eta")
+# k-diffusion's ancestral options, as A1111 names them in the infotext (written when not 1)
+ETA_ANCESTRAL = Option("eta", 1.0, 0.0, 1.0, "Eta", "ancestral noise: 1 the full amount, 0 none (deterministic)")
+S_NOISE = Option("s_noise", 1.0, 0.0, 1.1, "Sigma noise", "scale of the fresh noise an ancestral step adds")
 
 SAMPLERS = {s.name: s for s in (
     SamplerSpec("ddim", "DDIM", sample_ddim, grids.ddim_grid, vp=True, options=(ETA_DDIM,), schedules=TIMESTEPS_ONLY),
-    SamplerSpec("ddpm", "DDPM", sample_ddpm, grids.ddpm_grid, vp=True, schedules=TIMESTEPS_ONLY),
+    SamplerSpec("ddpm", "DDPM", sample_ddpm, grids.ddpm_grid, vp=True, schedules=TIMESTEPS_ONLY, deterministic=False),
     SamplerSpec("euler", "Euler", sample_euler, grids.euler_grid, vp=False,
-                grids_for={"karras": grids.euler_karras_grid}),
-    SamplerSpec("euler_a", "Euler a", sample_euler_ancestral, grids.euler_grid, vp=False),
+                grids_for={"karras": grids.euler_karras_grid, "exponential": grids.euler_exponential_grid}),
+    SamplerSpec("euler_a", "Euler a", sample_euler_ancestral, grids.euler_grid, vp=False, deterministic=False,
+                options=(ETA_ANCESTRAL, S_NOISE)),
     SamplerSpec("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m, grids.dpm_grid, vp=True, default_schedule="karras",
-                round_timesteps=True),
+                round_timesteps=True, grids_for={"exponential": grids.dpm_exponential_grid}),
     # -- ODE samplers in σ space (ode_samplers.py) --
+    SamplerSpec("heun", "Heun", sample_heun, grids.euler_grid, vp=False, nfe=lambda n: 2 * n - 1,
+                grids_for={"karras": grids.euler_karras_grid, "exponential": grids.euler_exponential_grid}),
+    SamplerSpec("lms", "LMS", sample_lms, grids.euler_grid, vp=False,
+                grids_for={"karras": grids.euler_karras_grid, "exponential": grids.euler_exponential_grid}),
+    SamplerSpec("dpm_2", "DPM2", sample_dpm2, grids.euler_grid, vp=False, default_schedule="karras",
+                discard_penultimate_sigma=True, nfe=lambda n: 2 * n - 1,
+                grids_for={"karras": dpm2_karras_grid, "exponential": dpm2_exponential_grid}),
+    SamplerSpec("dpm_2_a", "DPM2 a", sample_dpm2_ancestral, grids.euler_grid, vp=False, default_schedule="karras",
+                options=(ETA_ANCESTRAL, S_NOISE), discard_penultimate_sigma=True, nfe=lambda n: 2 * n - 1,
+                deterministic=False, grids_for={"karras": dpm2_karras_grid, "exponential": dpm2_exponential_grid}),
+    SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", sample_dpmpp_2s_ancestral, grids.euler_grid, vp=False,
+                default_schedule="karras", options=(ETA_ANCESTRAL, S_NOISE), nfe=lambda n: 2 * n - 1,
+                deterministic=False),
     # -- SDE samplers (sde_samplers.py) --
+    SamplerSpec("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, grids.dpm_grid, vp=True,
+                default_schedule="exponential", options=(ETA_ANCESTRAL, S_NOISE), round_timesteps=True,
+                deterministic=False, grids_for={"exponential": grids.dpm_exponential_grid}),
+    SamplerSpec("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", sample_dpmpp_2m_sde_heun, grids.dpm_grid, vp=True,
+                default_schedule="exponential", options=(ETA_ANCESTRAL, S_NOISE), round_timesteps=True,
+                deterministic=False, grids_for={"exponential": grids.dpm_exponential_grid}),
+    SamplerSpec("dpmpp_3m_sde", "DPM++ 3M SDE", sample_dpmpp_3m_sde, grids.dpm_grid, vp=False,
+                default_schedule="exponential", options=(ETA_ANCESTRAL, S_NOISE), discard_penultimate_sigma=True,
+                deterministic=False),
+    SamplerSpec("dpmpp_sde", "DPM++ SDE", sample_dpmpp_sde, dpmpp_sde_grid, vp=False, default_schedule="karras",
+                options=(ETA_ANCESTRAL, S_NOISE), nfe=dpmpp_sde_nfe, deterministic=False,
+                grids_for={"karras": dpmpp_sde_karras_grid, "exponential": dpmpp_sde_exponential_grid}),
     # -- multistep VP samplers (multistep.py) --
+    SamplerSpec("plms", "PLMS", sample_plms, grids.ddim_grid, vp=True, schedules=TIMESTEPS_ONLY, nfe=plms_nfe),
+    SamplerSpec("unipc", "UniPC", sample_unipc, sigma_min_grid, vp=True, schedules=TIMESTEPS_ONLY,
+                options=(Option("order", 3, 1, 3, "UniPC order", "UniPC's order: 1, 2 or 3 (A1111's default 3)", integer=True),)),
+    SamplerSpec("unipc_bh2", "UniPC bh2", sample_unipc_bh2, grids.dpm_grid, vp=True, round_timesteps=True,
+                schedules=("uniform", "karras", "exponential"), grids_for={"exponential": grids.dpm_exponential_grid},
+                options=(Option("order", 2, 1, 3, "UniPC order", "UniPC's order: 1, 2 or 3 (diffusers' default 2)", integer=True),)),
+    SamplerSpec("deis", "DEIS", sample_deis, sigma_min_grid, vp=True, schedules=("uniform", "karras", "exponential"),
+                grids_for={"karras": deis_karras_grid, "exponential": deis_exponential_grid},
+                options=(Option("order", 3, 1, 3, "DEIS order", "DEIS's order: 1, 2 or 3", integer=True),)),
     # -- consistency samplers (consistency.py) --
+    SamplerSpec("lcm", "LCM", sample_lcm, lcm_grid, vp=True, schedules=TIMESTEPS_ONLY, deterministic=False),
+    SamplerSpec("tcd", "TCD", sample_tcd, tcd_grid, vp=True, schedules=TIMESTEPS_ONLY, deterministic=False,
+                options=(Option("eta", 0.3, 0.0, 1.0, "Eta TCD", "TCD's gamma: 0 deterministic, 1 re-noises fully "
+                                "each step (as LCM)"),)),
 )}
 _EXTRA_ALIASES = {"eulerancestral": "euler_a"}  # k-diffusion's sample_euler_ancestral
+_EXTRA_ALIASES |= {"dpm2ancestral": "dpm_2_a", "dpmpp2sancestral": "dpmpp_2s_a"}  # k-diffusion's / ComfyUI's names
 
 
 def every_combination() -> list[SamplerSpec]:

@@ -42,6 +42,16 @@ def _abar(sigma: float) -> float:
     return 1.0 / (1.0 + sigma * sigma)  # ᾱ from σ = sqrt((1-ᾱ)/ᾱ)
 
 
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(σ_down, σ_up) of k-diffusion's get_ancestral_step: the ODE goes down to σ_down, fresh noise of
+    std σ_up brings the marginal back up to σ_next (σ_down² + σ_up² = σ_next²). eta = 1 is the DDPM
+    posterior's noise, eta = 0 none (σ_down = σ_next)."""
+    if eta == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
 def sample_ddim(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource, *,
                 eta: float = 0.0) -> Steps:
     """DDIM, Song et al. 2021 eq. 12, with σ_t(η) from eq. 16."""
@@ -77,14 +87,18 @@ def sample_euler(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSourc
         x = yield x
 
 
-def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, plan: Plan,
-                           noise: NoiseSource) -> Steps:
-    """Euler ancestral (k-diffusion): Euler down to σ_down, then fresh noise of std σ_up up to σ_next."""
+def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, plan: Plan, noise: NoiseSource, *,
+                           eta: float = 1.0, s_noise: float = 1.0) -> Steps:
+    """Euler ancestral (k-diffusion): Euler down to σ_down, then fresh noise of std σ_up up to σ_next.
+
+    eta = 1 is diffusers' EulerAncestralDiscreteScheduler (which draws on every step, the last included);
+    eta = 0 draws nothing and is Euler."""
     for i, _t, s, s_next in plan.steps():
         eps = model(x, i)
-        s_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
-        s_down = math.sqrt(s_next**2 - s_up**2)
-        x = x + (s_down - s) * eps + s_up * noise.step(x, s, s_next)
+        s_down, s_up = ancestral_step(s, s_next, eta)
+        x = x + (s_down - s) * eps
+        if eta > 0 and s_noise > 0:
+            x = x + (s_noise * s_up) * noise.step(x, s, s_next)
         x = yield x
 
 
