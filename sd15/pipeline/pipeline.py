@@ -66,11 +66,11 @@ class Pipeline:
         run = stages.prepare(self, request)
         uses = stages.adapters(self, run)
         compiled = getattr(self.unet, "_compiled_call_impl", None) is not None
-        on_the_fly = bool(uses) and (self.lora_mode == "on_the_fly")
-        if compiled and (on_the_fly or set(active_deltas()) & set(self.unet.modules())):
+        unmerged = bool(uses) and (self.lora_mode == "on_the_fly")
+        if compiled and (unmerged or set(active_deltas()) & set(self.unet.modules())):
             raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
                              "trace them): use lora_mode='merge', or do not compile")
-        if uses and not on_the_fly:      # the models change for this generation: it has them alone
+        if uses and not unmerged:      # the models change for this generation: it has them alone
             lock, apply = self._models_lock.exclusive(), merged(self.text_encoder, self.unet, uses)
         else:
             lock = self._models_lock.shared()
