@@ -177,3 +177,53 @@ def test_unknown_upscaler_in_an_a1111_infotext_is_named_not_applied():
 def test_bad_hires_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Request(PROMPT, **kwargs)
+
+
+def test_a1111_hires_sampler_and_schedule_type_fields():
+    """A1111's get_hr_sampler_and_scheduler: a missing Hires sampler or Hires schedule type is the first pass's."""
+    line = "a cat\nSteps: 20, Sampler: {}, Schedule type: {}, CFG scale: 7, Seed: 1, Size: 512x512, " \
+           "Denoising strength: 0.5, Hires upscale: 2, {}Version: v1.10.1"
+    cases = [(("DPM++ 2M", "Karras", "Hires schedule type: Exponential, "), "dpmpp_2m_exponential"),
+             (("Euler", "Karras", "Hires sampler: Heun, "), "heun_karras"),
+             (("Euler a", "Automatic", "Hires sampler: DPM++ 2M, Hires schedule type: Karras, "), "dpmpp_2m_karras"),
+             (("Euler a", "Automatic", "Hires sampler: Use same sampler, "), None)]
+    for (sampler, schedule, extra), expected in cases:
+        hires_fix = Request.from_infotext(line.format(sampler, schedule, extra)).request.hires
+        assert hires_fix.sampler == expected, (sampler, schedule, extra)
+
+
+def test_hires_infotext_writes_only_what_differs():
+    first = dict(sampler="DPM++ 2M Karras", width=512, height=512)
+    text = Request("a cat", hires=Hires(sampler="dpmpp_2m_exponential", prompt="a cat"), **first).infotext()
+    assert "Hires schedule type: Exponential" in text and "Hires sampler" not in text and "Hires prompt" not in text
+    assert Request.from_infotext(text).request.hires.sampler == "dpmpp_2m_exponential"
+    assert Hires(prompt="").prompt is None                        # A1111: empty means the first pass's
+
+
+def test_hires_keeps_the_options_its_sampler_has():
+    second = hires.second_pass_request(Request("a cat", sampler="euler_a", sampler_options={"eta": 0.5},
+                                               hires=Hires(sampler="euler_a_karras")))
+    assert dict(second.sampler_options) == {"eta": 0.5}
+    second = hires.second_pass_request(Request("a cat", sampler="euler_a", sampler_options={"eta": 0.5},
+                                               hires=Hires(sampler="euler")))
+    assert dict(second.sampler_options) == {}
+
+
+def test_pixel_upscale_follows_a1111_and_gives_multiples_of_8():
+    image = Image.effect_noise((40, 24), 60).convert("RGB")
+    t = hires.target(40, 24, Hires(scale=1.3, upscaler="Lanczos"))     # 52x31: not multiples of 8
+    got = hires.upscale_pixels([image], t, "Lanczos")
+    assert got.shape == (1, 3, 24, 48)
+    # A1111: the upscaler's resize by the scale, Lanczos to a multiple of 8, Lanczos to the target (then cut)
+    step = image.resize((52, 31), Image.LANCZOS).resize((48, 24), Image.LANCZOS).resize((52, 31), Image.LANCZOS)
+    expected = torch.from_numpy(np.asarray(step.crop((0, 0, 48, 24)), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(got[0], expected, atol=1e-6)
+
+
+def test_resize_and_scale_together_is_an_error():
+    with pytest.raises(ValueError, match="give a scale \\(1.5\\) or a resize \\(1024x1024\\), not both"):
+        Hires(scale=1.5, resize=(1024, 1024))
+    with pytest.raises(ValueError, match="hires resize must be"):
+        Hires(resize=[0, 0])
+    with pytest.raises(ValueError, match="hires has no setting oops"):
+        Hires.of({"oops": 1})

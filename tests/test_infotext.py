@@ -480,7 +480,7 @@ def test_sampler_spellings_with_a_schedule_type(sampler, expected):
     assert read(f"a cat\n{sampler}, {A1111_LINE}").request.sampler == expected
 
 
-@pytest.mark.parametrize("sampler", ["Sampler: Euler a, Schedule type: Beta", "Sampler: DDIM, Schedule type: Karras",
+@pytest.mark.parametrize("sampler", ["Sampler: Euler a, Schedule type: Beta", "Sampler: LCM, Schedule type: Karras",
                                      "Sampler: DPM++ 2M Karras, Schedule type: Exponential"])
 def test_a_schedule_sd15_lacks_is_an_error_not_another_schedule(sampler):
     """Falling back to the sampler's own schedule would quietly make another picture."""
@@ -523,3 +523,23 @@ def test_a1111s_emphasis_none_keeps_the_rest_of_the_prompt_language():
     assert plain.emphasis == "none"
     text = plain.infotext()
     assert "Emphasis: None, Prompt syntax: plain" in text and read(text).request == plain
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    ("Sampler: DDIM, Schedule type: Karras", "ddim"),      # A1111 1.9+ writes it; its timestep samplers ignore it
+    ("Sampler: PLMS, Schedule type: Exponential", "plms"),
+    ("Sampler: UniPC, Schedule type: Karras", "unipc"),
+])
+def test_a1111_timestep_samplers_ignore_their_schedule_type(sampler, expected):
+    assert read(f"a cat\n{sampler}, {A1111_LINE}").request.sampler == expected
+
+
+@pytest.mark.parametrize("sampler,version,expected", [
+    ("Sampler: DPM++ 2M", "v1.6.0", "dpmpp_2m_uniform"),        # before 1.9: the name alone was uniform
+    ("Sampler: DPM++ 2M Karras", "v1.6.0", "dpmpp_2m_karras"),
+    ("Sampler: DPM++ 2M", "v1.10.1", "dpmpp_2m_karras"),        # 1.9+: Automatic is Karras for it
+    ("Sampler: Euler a", "v1.5.2", "euler_a"),
+])
+def test_pre_1_9_names_keep_their_schedule(sampler, version, expected):
+    line = A1111_LINE.replace("v1.10.1", version)
+    assert read(f"a cat\n{sampler}, {line}").request.sampler == expected

@@ -305,3 +305,22 @@ def test_full_size_txt2img(tokenizer):
     finally:
         del pipe, components, ref, engine
         gc.collect()
+
+
+def test_dpmpp_sde_brownian_tree_seeded_with_the_seed(ours, reference):
+    """DPM++ SDE Karras draws from a Brownian tree: sd15 seeds it with the request's seed, which is diffusers'
+    DPMSolverSDEScheduler with noise_sampler_seed=seed (its default would be a random tree)."""
+    from diffusers import DDIMScheduler, DPMSolverSDEScheduler
+    from reference import SD15_SCHEDULER
+    scheduler = DPMSolverSDEScheduler.from_config(DDIMScheduler(**SD15_SCHEDULER).config, use_karras_sigmas=True,
+                                                  noise_sampler_seed=321)
+    pipe = StableDiffusionPipeline(**reference, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, width=64, height=64,
+               num_inference_steps=5, generator=torch.Generator().manual_seed(321),
+               callback_on_step_end=lambda _p, _i, _t, tensors: steps.append(tensors["latents"].clone()) or {})
+    ours_out = run_ours(ours, "txt2img", "DPM++ SDE Karras", 321, prompt=PROMPT, negative_prompt=NEGATIVE,
+                        guidance_scale=7.5, width=64, height=64, steps=5)
+    assert len(steps) == 9                      # 2N-1 scheduler steps: two per step, one for the last (to σ = 0)
+    check(ours, ours_out, (out.images, steps[1:8:2] + steps[8:], pipe.vae))

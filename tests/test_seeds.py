@@ -179,3 +179,13 @@ def test_euler_a_eta_0_is_euler_and_s_noise_scales_the_noise(pipe):
     default = pixels(pipe.generate(Request("a fox", sampler="euler_a", **kw)))
     quieter = pipe.generate(Request("a fox", sampler="euler_a", sampler_options={"s_noise": 0.5}, **kw))
     assert not np.array_equal(pixels(quieter), default) and "Sigma noise: 0.5" in quieter[0].info["parameters"]
+
+
+def test_seeds_past_2_64_are_refused_when_the_request_is_made():
+    with pytest.raises(ValueError, match="too large for a batch of 2 in a1111 seed mode"):
+        Request("a fox", seed=2**64 - 1, batch_size=2, seed_mode="a1111")
+    with pytest.raises(ValueError, match="subseed .* too large"):
+        Request("a fox", seed=1, subseed=2**64 - 1, subseed_strength=0.5, batch_size=2, seed_mode="a1111")
+    with pytest.raises(ValueError, match="too large"):
+        Request("a fox", seed=2**64 - 5, noise_seed_delta=31337, seed_mode="a1111")
+    assert Request("a fox", seed=2**64 - 1, batch_size=2).all_seeds == [2**64 - 1] * 2    # diffusers: one seed

@@ -166,12 +166,13 @@ def build_request(args):
         given["sampler_options"] = options
     if args.schedule_type is not None and args.sampler is not None:
         given["sampler"] = resolve_sampler(args.sampler, args.schedule_type).full_name
+    alone = None if args.sampler is not None else args.schedule_type      # --schedule-type without --sampler
     if args.from_png is None:
         request = Request(**given)
-        return with_hires(with_schedule_type(request, args.schedule_type), args), None
+        return with_hires(with_schedule_type(request, alone), args), None
     text = read_infotext(Path(args.from_png))
     back = Request.from_infotext(text, **given)
-    back = dataclasses.replace(back, request=with_hires(with_schedule_type(back.request, args.schedule_type), args))
+    back = dataclasses.replace(back, request=with_hires(with_schedule_type(back.request, alone), args))
     if back.unsupported:
         log.warning("%s: not applied (fields sd15 does not support, or that do not apply to this request): %s",
                     args.from_png, ", ".join(f"{k}: {v}" for k, v in back.unsupported.items()))
@@ -190,8 +191,7 @@ def with_schedule_type(request: Request, schedule_type: str | None) -> Request:
     """--schedule-type alone: the request's sampler (the default, or the PNG's) on that schedule type."""
     if schedule_type is None:
         return request
-    sampler = resolve_sampler(request.spec.name).name
-    return dataclasses.replace(request, sampler=resolve_sampler(sampler, schedule_type).full_name)
+    return dataclasses.replace(request, sampler=resolve_sampler(request.spec.name, schedule_type).full_name)
 
 
 HIRES_FLAGS = {"hr_scale": "scale", "hr_resize": "resize", "hr_upscaler": "upscaler", "hr_steps": "steps",
@@ -204,6 +204,10 @@ def with_hires(request: Request, args) -> Request:
     given = {field: getattr(args, flag) for flag, field in HIRES_FLAGS.items() if getattr(args, flag) is not None}
     if not given and not args.hires:
         return request
+    if "scale" in given and "resize" not in given:
+        given["resize"] = None           # --hr-scale replaces the PNG's resize, and --hr-resize its scale
+    elif "resize" in given and "scale" not in given:
+        given["scale"] = 2.0
     return dataclasses.replace(request, hires=dataclasses.replace(request.hires or Hires(), **given))
 
 

@@ -74,12 +74,14 @@ class Hires:
             raise ValueError(f"hires scale must be a number from 1 to 8, got {self.scale!r}")
         set_("scale", float(self.scale))
         if self.resize is not None:
-            r = self.resize
-            if (not isinstance(r, (tuple, list)) or len(r) != 2 or not all(
+            r = tuple(self.resize) if isinstance(self.resize, (tuple, list)) else self.resize
+            if (not isinstance(r, tuple) or len(r) != 2 or not all(
                     isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16384 for v in r) or r == (0, 0)):
                 raise ValueError(f"hires resize must be (width, height) in pixels, one of them may be 0 (keep the "
                                  f"aspect ratio), got {r!r}")
             set_("resize", (int(r[0]), int(r[1])))
+            if self.scale != 2.0:
+                raise ValueError(f"hires: give a scale ({self.scale:g}) or a resize ({r[0]}x{r[1]}), not both")
         if not isinstance(self.upscaler, str):
             raise ValueError(f"hires upscaler must be a name such as 'Latent', got {self.upscaler!r}")
         set_("upscaler", _upscaler_name(self.upscaler))
@@ -95,12 +97,18 @@ class Hires:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"hires {name} must be a string (or None: the first pass's), got {value!r}")
+            if value == "":
+                set_(name, None)          # A1111: an empty hires prompt means the first pass's
 
     @classmethod
     def of(cls, value) -> "Hires | None":
         if value is None or isinstance(value, Hires):
             return value
         if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"hires has no setting {', '.join(unknown)} (its settings: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(cls))})")
             return cls(**value)
         raise ValueError(f"hires must be a Hires(...) or a dict of its fields, got {value!r}")
 
@@ -156,8 +164,9 @@ def second_pass_request(request: Request, factor: int = 8) -> Request:
         changes["prompt"] = h.prompt if isinstance(request.prompt, str) else (h.prompt,) * len(request.prompts)
     if h.negative_prompt is not None:
         changes["negative_prompt"] = h.negative_prompt
-    if h.sampler is not None and h.sampler != request.sampler:
-        changes["sampler_options"] = {}     # options belong to the first pass's sampler
+    if h.sampler is not None and h.sampler != request.sampler:   # keep the options the hires sampler has too
+        declared = {o.name for o in resolve_sampler(h.sampler).options}
+        changes["sampler_options"] = {k: v for k, v in request.sampler_options.items() if k in declared}
     return dataclasses.replace(request, **changes)
 
 
@@ -169,16 +178,22 @@ def upscale_latents(latents: torch.Tensor, t: Target, upscaler: str) -> torch.Te
 
 
 def upscale_pixels(images: list[Image.Image], t: Target, upscaler: str) -> torch.Tensor:
-    """A1111's resize_image for a model-free upscaler: scale by the upscaler, then Lanczos to the exact size."""
+    """A1111's resize_image (mode "Just resize") with a model-free upscaler: the upscaler's own resize by the
+    scale, Lanczos to that size rounded down to a multiple of 8 (Upscaler.upscale), Lanczos to the target.
+    The VAE takes multiples of 8: a last ragged row or column is cut (A1111's encoder drops it too)."""
     w, h = t.upscale_to
     out = []
     for image in images:
         scale = max(w / image.width, h / image.height)
         if scale > 1:
-            image = image.resize((int(image.width * scale), int(image.height * scale)), resample=PIXEL_UPSCALERS[upscaler])
+            dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+            image = image.resize((int(image.width * scale), int(image.height * scale)),
+                                 resample=PIXEL_UPSCALERS[upscaler])
+            if image.size != dest:
+                image = image.resize(dest, resample=Image.LANCZOS)
         if image.size != (w, h):
             image = image.resize((w, h), resample=Image.LANCZOS)
-        out.append(pil_to_tensor(image))
+        out.append(pil_to_tensor(image.crop((0, 0, w // t.factor * t.factor, h // t.factor * t.factor))))
     return torch.cat(out)
 
 

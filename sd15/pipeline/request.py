@@ -107,9 +107,9 @@ class Request:
         validation.check_guidance(self.guidance_scale)
         set_("guidance_scale", float(self.guidance_scale))
         validation.check_seed(self.seed)
-        self._check_seed_mode(set_)
         validation.check_batch(self.batch_size)
         validation.check_batch(self.num_images, "images in one batch (prompts x batch size)")
+        self._check_seed_mode(set_)
         if self.init_image is None and self.strength not in (None, 1, 1.0):
             raise ValueError(f"strength {self.strength} needs an init image; txt2img runs the whole schedule")
         if self.strength is None:
@@ -164,6 +164,12 @@ class Request:
         if a1111_only and self.seed_mode != "a1111":
             raise ValueError(f"{', '.join(a1111_only)} shape A1111's per-image noise: set seed_mode='a1111' "
                              "(CLI: --seed-mode a1111)")
+        if self.seed_mode == "a1111":       # image i's generator is seeded with seed + i (+ ENSD)
+            for name, seeds in (("seed", self.all_seeds), ("subseed", self.all_subseeds)):
+                top = max((s for s in seeds if s is not None), default=0) + (self.noise_seed_delta if name == "seed" else 0)
+                if top >= 2**64:
+                    raise ValueError(f"{name} {getattr(self, name)} is too large for a batch of {self.num_images} in "
+                                     f"a1111 seed mode (seed + image index + ENSD must stay below 2**64)")
 
     # ---- derived --------------------------------------------------------------------------------------
 
@@ -285,6 +291,7 @@ class _ReadContext:
     version: str | None
     model: ModelInfo = ModelInfo()
     sampler: str | None = None        # the sampler read (its options are read for it)
+    first_pass: tuple[str | None, str | None] = (None, None)   # the "Sampler" and "Schedule type" fields as written
     seed_mode: str | None = None
     batch_pos: int | None = None
     ti_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -318,10 +325,13 @@ def _plain(key: str, name: str, kind: type) -> Codec:
 
 def _read_sampler(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
     label, schedule = fields.pop("Sampler", None), fields.pop("Schedule type", None)
+    context.first_pass = (label, schedule)
     if label is None or "sampler" in context.overrides:
         return {}
+    if schedule is None and _before_1_9(context.version):
+        schedule = "Uniform"      # before 1.9 a plain "DPM++ 2M" ran k-diffusion's uniform schedule
     try:        # "DPM++ 2M" + "Karras", or a pre-1.9 "DPM++ 2M Karras" (+ a redundant "Karras")
-        spec = resolve_sampler(label, schedule)
+        spec = _resolve_read(label, schedule)
     except ValueError:
         automatic = schedule is None or schedule.strip().lower() in ("", "automatic")
         shown = label if automatic else f"{label}, schedule type {schedule}"
@@ -329,6 +339,39 @@ def _read_sampler(fields: dict[str, str], context: _ReadContext) -> dict[str, ob
                          f"(Python: sampler=): {', '.join(SAMPLERS)}") from None
     context.sampler = spec.full_name
     return {"sampler": spec.full_name}
+
+
+# A1111's timestep samplers ignore the schedule type it writes for them anyway (sd_samplers_timesteps.py)
+A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
+
+
+def _resolve_read(label: str, schedule: str | None) -> SamplerSpec:
+    """A sampler as an infotext names it: A1111 1.9+ writes every sampler's schedule type, also for the
+    samplers that walk their own timesteps; pre-1.9 names carry the schedule in the name."""
+    try:
+        return resolve_sampler(label, schedule)
+    except ValueError:
+        if schedule is not None and (spec := _try_resolve(label)) and spec.name in A1111_TIMESTEP_SAMPLERS:
+            return spec
+        if schedule is not None and schedule.strip().lower() == "uniform" and (spec := _try_resolve(label)):
+            return spec           # a pre-1.9 name that carries its schedule ("DPM++ 2M Karras"), read as such
+        raise
+
+
+def _try_resolve(label: str) -> SamplerSpec | None:
+    try:
+        return resolve_sampler(label)
+    except ValueError:
+        return None
+
+
+def _before_1_9(version: str | None) -> bool:
+    """An A1111 version (its "Version" field, e.g. "v1.6.0-2-g4afaaf8a") older than 1.9."""
+    digits = (version or "").strip().lstrip("v").split("-")[0].split(".")
+    try:
+        return (int(digits[0]), int(digits[1])) < (1, 9)
+    except (ValueError, IndexError):
+        return False
 
 
 def _read_options(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
@@ -364,10 +407,13 @@ def _write_hires(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
     if h is None:
         return {}
     fields: dict[str, object] = {"Denoising strength": h.denoising_strength, **describe_hires(h)}
-    if h.sampler is not None and h.sampler != r.sampler:
-        spec = resolve_sampler(h.sampler)
-        fields |= {"Hires sampler": spec.label, "Hires schedule type": spec.schedule_type}
-    return fields | {"Hires prompt": h.prompt, "Hires negative prompt": h.negative_prompt}
+    if h.sampler is not None and h.sampler != r.sampler:     # A1111 writes each only where it differs
+        spec, first = resolve_sampler(h.sampler), r.spec
+        fields |= {"Hires sampler": spec.label if spec.name != first.name else None,
+                   "Hires schedule type": spec.schedule_type if spec.schedule_type != first.schedule_type else None}
+    prompt = h.prompt if h.prompt != r.prompt else None
+    negative = h.negative_prompt if h.negative_prompt != r.negative_prompt else None
+    return fields | {"Hires prompt": prompt, "Hires negative prompt": negative}
 
 
 HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler", "Hires steps")
@@ -379,7 +425,7 @@ def _read_hires(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
     raw = {k: fields[k] for k in (*HIRES_KEYS, "Denoising strength", "Hires sampler", "Hires schedule type",
                                   "Hires prompt", "Hires negative prompt") if k in fields}
     try:
-        return {"hires": _hires_fields(fields)}
+        return {"hires": _hires_fields(fields, context)}
     except ValueError:          # e.g. an upscaler sd15 does not have (ESRGAN): named, and the pass left out
         for key in raw:
             fields.pop(key, None)
@@ -387,7 +433,7 @@ def _read_hires(fields: dict[str, str], context: _ReadContext) -> dict[str, obje
         return {}
 
 
-def _hires_fields(fields: dict[str, str]) -> Hires:
+def _hires_fields(fields: dict[str, str], context: _ReadContext) -> Hires:
     kwargs: dict[str, object] = {}
     if "Hires upscale" in fields:
         kwargs["scale"] = _number(float, "Hires upscale", fields.pop("Hires upscale"))
@@ -401,9 +447,15 @@ def _hires_fields(fields: dict[str, str]) -> Hires:
         kwargs["steps"] = _number(int, "Hires steps", fields.pop("Hires steps"))
     if "Denoising strength" in fields:
         kwargs["denoising_strength"] = _number(float, "Denoising strength", fields.pop("Denoising strength"))
+    # A1111's get_hr_sampler_and_scheduler: each of the two that is missing (or "Use same ...") is the first pass's
     label, schedule = fields.pop("Hires sampler", None), fields.pop("Hires schedule type", None)
-    if label is not None and label.strip().lower() != "use same sampler":
-        kwargs["sampler"] = resolve_sampler(label, schedule).full_name
+    same_label = label is None or label.strip().lower() == "use same sampler"
+    same_schedule = schedule is None or schedule.strip().lower() == "use same scheduler"
+    if not (same_label and same_schedule):
+        first_label, first_schedule = context.first_pass
+        label = first_label if same_label else label
+        schedule = first_schedule if same_schedule else schedule
+        kwargs["sampler"] = _resolve_read(label or DEFAULT_SAMPLER, schedule).full_name
     for key, name in (("Hires prompt", "prompt"), ("Hires negative prompt", "negative_prompt")):
         if key in fields:
             kwargs[name] = fields.pop(key)
@@ -424,7 +476,7 @@ def _write_seed_mode(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
     if r.seed_mode != "a1111":
         return {}
     variation = r.subseed_strength != 0
-    return {"Seed mode": "a1111" if r.seed_mode == "a1111" else None,
+    return {"Seed mode": "a1111",
             "Variation seed": r.all_subseeds[i] if variation else None,
             "Variation seed strength": r.subseed_strength if variation else None,
             "Seed resize from": None if r.seed_resize_from is None else "{}x{}".format(*r.seed_resize_from),

@@ -208,6 +208,11 @@ def hires_pass(models: Models, run: Run, latents: torch.Tensor, progress: Progre
         x0 = hires.crop(encode_sample(models, run2, pixels.to(models.device, models.dtype)), t)
     start = Start(run2.noise.first(tuple(x0.shape)).to(models.device, state), x0.to(state))
     cond = conditioning(models, run2)
+    if request.hires.prompt is not None and request.prompt_syntax == "a1111":
+        tags = [str(t) for t in split_tags(request.hires.prompt)[1] if t.kind in TAG_KINDS]
+        if tags:
+            log.warning("LoRA tags in the hires prompt are not applied (sd15 applies the first prompt's LoRAs to "
+                        "both passes): %s", ", ".join(tags))
     done = run.plan.num_steps
     shifted = None if progress is None else (lambda i, n, x: progress(done + i, done + n, x))
     return denoise(models, run2, cond, start, shifted)

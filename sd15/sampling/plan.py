@@ -124,7 +124,7 @@ class NoNoise:
         return self.draw(tuple(x.shape))
 
     def sde_noise(self, x: torch.Tensor, sigma_min: float, sigma_max: float, *, brownian: bool):
-        return self.draw(tuple(x.shape))
+        raise ValueError("this run draws SDE noise: pass a noise source (e.g. GeneratorNoise.seeded(seed))")
 
 
 def sample(plan: Plan, model: EpsModel, initial_noise: torch.Tensor, x0: torch.Tensor | None = None, *,

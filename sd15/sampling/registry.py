@@ -259,7 +259,8 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerSpec:
     schedule = None if schedule_type is None else resolve_schedule_type(schedule_type)
     if schedule is None:
         return spec
-    named = spec.schedule if key not in {_normalize(spec.name), _normalize(spec.label)} else None
+    bare = key in {_normalize(spec.name), _normalize(spec.label)} or key in _EXTRA_ALIASES   # names no schedule
+    named = None if bare else spec.schedule
     if named is not None and named != schedule:
         raise ValueError(f"sampler {name!r} already names the schedule type {SCHEDULE_TYPES[named].label}; "
                          f"it cannot also be {SCHEDULE_TYPES[schedule].label}")
