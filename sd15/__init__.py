@@ -22,6 +22,7 @@ _EXPORTS = {
     "VAEConfig": "sd15.models.config", "TextEncoderConfig": "sd15.models.config",
     "SAMPLERS": "sd15.sampling.registry", "resolve_sampler": "sd15.sampling.registry",
     "SCHEDULE_TYPES": "sd15.sampling.schedule_types", "Hires": "sd15.pipeline.hires",
+    "Inpaint": "sd15.pipeline.masks",
 }
 __all__ = list(_EXPORTS)
 

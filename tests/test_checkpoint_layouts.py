@@ -209,9 +209,15 @@ def family_state(family):
 @pytest.mark.parametrize("family,words", [
     ("sd2-openclip", ["Stable Diffusion 2.x"]), ("sd2-context", ["Stable Diffusion 2.x"]),
     ("sd2-linear-proj", ["Stable Diffusion 2.x"]), ("sdxl-conditioner", ["SDXL"]), ("sdxl-label-emb", ["SDXL"]),
-    ("inpainting", ["inpainting", "9 input channels"]), ("pix2pix", ["InstructPix2Pix", "8 input channels"])])
+    ("pix2pix", ["InstructPix2Pix", "8 input channels"])])
 def test_other_families_are_refused_by_name(tmp_path, family, words):
     refused(write_safetensors(tmp_path / "m.safetensors", family_state(family)), *words)
+
+
+def test_an_inpainting_checkpoint_is_read_as_sd1_with_9_input_channels(tmp_path):
+    from sd15.files.checkpoint import read_sd1_checkpoint
+    ckpt = read_sd1_checkpoint(write_safetensors(tmp_path / "m.safetensors", family_state("inpainting")))
+    assert tuple(ckpt.unet["input_blocks.0.0.weight"].shape)[1] == 9
 
 
 @pytest.mark.parametrize("state,words", [

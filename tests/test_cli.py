@@ -35,7 +35,8 @@ OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo"
            "--embeddings-dir", "--lora", "--lora-dir", "--lora-mode", "--schedule-type", "--list-samplers",
            "--seed-mode", "--subseed", "--subseed-strength", "--seed-resize-from", "--noise-seed-delta",
            "--hires", "--hr-scale", "--hr-resize", "--hr-upscaler", "--hr-steps", "--hr-denoising-strength",
-           "--hr-sampler", "--hr-prompt", "--hr-negative-prompt"]
+           "--hr-sampler", "--hr-prompt", "--hr-negative-prompt", "--mask", "--mask-blur", "--invert-mask",
+           "--masked-content", "--inpaint-blend"]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from ..pipeline.stages import ti_name
 from ..pipeline.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
                                 SEED_MODES, Request)
 from ..pipeline.hires import UPSCALERS, Hires
+from ..pipeline.masks import BLENDS, FILLS, Inpaint
 from ..sampling.registry import SAMPLERS, resolve_sampler
 from ..sampling.schedule_types import SCHEDULE_TYPES
 
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet: faster steps on a GPU, but every run pays minutes of compiling "
                         "first (partly cached on disk between runs), so it pays only for many steps or a big "
                         "batch; on CPU the default eager path is faster")
+    p.add_argument("--mask", help="inpaint: repaint the init image where this image is white (RGBA: its alpha)")
+    p.add_argument("--mask-blur", type=float, help="inpaint: A1111's mask blur in pixels (default 4)")
+    p.add_argument("--invert-mask", action="store_true", help="inpaint: repaint where the mask is black")
+    p.add_argument("--masked-content", choices=FILLS, help="inpaint: how the masked area starts (default original)")
+    p.add_argument("--inpaint-blend", choices=BLENDS,
+                   help="inpaint, ordinary checkpoints: diffusers' latent blend (default) or A1111's x0 blend")
     p.add_argument("--hires", action="store_true",
                    help="txt2img: A1111's hires fix, a second img2img pass over the upscaled image (implied by any "
                         "--hr- option)")
@@ -166,6 +173,11 @@ def build_request(args):
         given["sampler_options"] = options
     if args.schedule_type is not None and args.sampler is not None:
         given["sampler"] = resolve_sampler(args.sampler, args.schedule_type).full_name
+    if args.mask is not None:
+        given["inpaint"] = inpaint_settings(args)
+    elif any(v is not None for v in (args.mask_blur, args.masked_content, args.inpaint_blend)) or args.invert_mask:
+        raise ValueError("--mask-blur, --invert-mask, --masked-content and --inpaint-blend set up inpainting: "
+                         "give the mask (--mask FILE) and the image (--init-image FILE)")
     alone = None if args.sampler is not None else args.schedule_type      # --schedule-type without --sampler
     if args.from_png is None:
         request = Request(**given)
@@ -185,6 +197,11 @@ def build_request(args):
         log.warning("the PNG was made by img2img: pass --init-image (the image it started from) to "
                     "regenerate it; running txt2img with its settings instead")
     return back.request, back
+
+
+def inpaint_settings(args) -> Inpaint:
+    given = {"blur": args.mask_blur, "fill": args.masked_content, "blend": args.inpaint_blend}
+    return Inpaint(args.mask, invert=args.invert_mask, **{k: v for k, v in given.items() if v is not None})
 
 
 def with_schedule_type(request: Request, schedule_type: str | None) -> Request:

@@ -34,8 +34,6 @@ FAMILY_PROBLEMS = {
     "sd2": "is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder / 1024-wide cross-attention); "
            "this engine runs SD 1.x only",
     "sdxl": "is an SDXL checkpoint (conditioner.*, label_emb); this engine runs SD 1.x only",
-    "sd1-inpainting": "is an SD 1.x inpainting checkpoint (its UNet takes 9 input channels); "
-                      "only the 4-channel text-to-image model is supported",
     "instruct-pix2pix": "is an InstructPix2Pix checkpoint (its UNet takes 8 input channels); not supported",
     "sd1-vae": "is a standalone VAE, not a full model; pass it as the separate VAE together with a full "
                "SD 1.x checkpoint",
@@ -247,7 +245,7 @@ def split_sd1(name: str, fmt: str, state: Mapping[str, object], quirks: list[str
               require_vae: bool = True) -> SD1Checkpoint:
     """read_sd1_checkpoint after the file is read: refuse other families, split, normalise."""
     family = detect_family(_shapes(state))
-    if family != "sd1":
+    if family not in ("sd1", "sd1-inpainting"):    # an inpainting UNet is an SD1 UNet with 9 input channels
         _refuse_family(name, family, state)
     parts: dict[str, dict[str, torch.Tensor]] = {UNET: {}, VAE: {}, CLIP: {}, EMA: {}}
     unknown, ignored = [], 0

@@ -28,6 +28,7 @@ from ..models.unet import UNet
 from ..models.vae import VAE
 from . import stages, vae_io
 from .locks import SharedExclusive
+from .masks import Inpaint
 from .request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelInfo, Request
 from .stages import Progress
 
@@ -64,6 +65,12 @@ class Pipeline:
         progress(step, total, latents) is called after each sampler step (raise from it to stop).
         """
         run = stages.prepare(self, request)
+        if stages.inpaint_mask_is_empty(run):
+            image = run.request.init_image
+            with self._models_lock.shared(), torch.inference_mode():
+                cond = stages.conditioning(self, run)
+            return stages.annotate(image.tensor.repeat(run.latent_shape[0] // len(image), 1, 1, 1), run,
+                                   self.model_info, cond, [])
         uses = stages.adapters(self, run)
         compiled = getattr(self.unet, "_compiled_call_impl", None) is not None
         unmerged = bool(uses) and (self.lora_mode == "on_the_fly")
@@ -86,7 +93,7 @@ class Pipeline:
             latents = stages.denoise(self, run, cond, start, first)
             if hires is not None:
                 latents = stages.hires_pass(self, run, latents, progress)
-            pixels = stages.decode(self, latents)
+            pixels = stages.paste_back(self, run, stages.decode(self, latents))
         return stages.annotate(pixels, run, self.model_info, cond, uses)
 
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
@@ -131,6 +138,26 @@ class Pipeline:
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      init_image=image, strength=strength, clip_skip=clip_skip,
                                      prompt_syntax=prompt_syntax, emphasis=emphasis, seed_mode=seed_mode), progress)
+
+    def inpaint(self, image, mask, prompt: str | list[str], *, strength: float = 1.0, mask_blur: float = 4,
+                invert: bool = False, fill: str = "original", blend: str = "diffusers", mask_weight: float = 1.0,
+                negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
+                guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, seed: int | None = None,
+                batch_size: int = 1, width: int | None = None, height: int | None = None,
+                seed_mode: str = "diffusers", progress: Progress | None = None) -> list[Image.Image]:
+        """Repaint `image` where `mask` is white (any image: L, RGB, or RGBA's alpha), guided by `prompt`.
+
+        An inpainting checkpoint (9 input channels) sees the mask and the masked image; an ordinary one is
+        blended with the original latents every step (`blend`: diffusers' formula or A1111's). strength 1
+        (the default) repaints from pure noise. Outside the (blurred) mask the result is the original image,
+        pixel for pixel. mask_blur, invert, fill, mask_weight: A1111's inpaint settings (see Inpaint).
+        """
+        return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                     steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+                                     batch_size=batch_size, init_image=image, strength=strength,
+                                     seed_mode=seed_mode, inpaint=Inpaint(mask, blur=mask_blur, invert=invert,
+                                                                          fill=fill, blend=blend,
+                                                                          mask_weight=mask_weight)), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 

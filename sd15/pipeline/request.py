@@ -30,6 +30,7 @@ from .hires import Hires
 from .hires import check as hires_check
 from .hires import describe as describe_hires
 from .images import Pixels
+from .masks import Inpaint
 from .infotext import format_infotext, parse_infotext
 
 # What SD1.5 users expect today: DPM++ 2M Karras converges in 20-30 steps (A1111's and ComfyUI's
@@ -81,6 +82,7 @@ class Request:
     seed_resize_from: tuple[int, int] | None = None   # (width, height): the seed's noise as drawn at that size
     noise_seed_delta: int = 0           # A1111's ENSD: sampler noise from seed + delta (a1111 mode)
     hires: Hires | None = None          # txt2img: A1111's hires fix, a second pass over the upscaled first
+    inpaint: Inpaint | None = None      # img2img: repaint where the mask is white (a mask, or Inpaint(mask, ...))
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -128,6 +130,10 @@ class Request:
             if self.num_images % len(self.init_image):
                 raise ValueError(f"{len(self.init_image)} init images cannot be spread over a batch of "
                                  f"{self.num_images} images")
+        set_("inpaint", Inpaint.of(self.inpaint))
+        if self.inpaint is not None and self.init_image is None:
+            raise ValueError("inpainting repaints part of an image: give the image (init_image; CLI --init-image) "
+                             "with the mask")
         set_("hires", Hires.of(self.hires))
         if self.hires is not None:
             if self.init_image is not None:
@@ -416,6 +422,28 @@ def _write_hires(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
     return fields | {"Hires prompt": prompt, "Hires negative prompt": negative}
 
 
+def _write_inpaint(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    p = r.inpaint
+    if p is None:
+        return {}
+    return {"Mask blur": int(p.blur) if p.blur == int(p.blur) else p.blur, "Inpaint area": "Whole picture",
+            "Masked content": p.fill, "Mask mode": "Inpaint not masked" if p.invert else None,
+            "Conditional mask weight": p.mask_weight if p.mask_weight != 1 else None,
+            "Inpaint blend": "a1111" if p.blend == "a1111" else None}
+
+
+INPAINT_KEYS = ("Mask blur", "Inpaint area", "Masked content", "Mask mode", "Conditional mask weight",
+                "Inpaint blend", "Masked area padding")
+
+
+def _read_inpaint(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    """The mask itself is not in the infotext: without one given (inpaint=...), its fields are reported."""
+    found = {key: fields.pop(key) for key in INPAINT_KEYS if key in fields}
+    if found and "inpaint" not in context.overrides:
+        context.unsupported |= found
+    return {}
+
+
 HIRES_KEYS = ("Hires upscale", "Hires resize", "Hires upscaler", "Hires steps")
 
 
@@ -566,6 +594,7 @@ INFOTEXT: tuple[Codec, ...] = (
     Codec(lambda r, i, m: {"Size": "{}x{}".format(*r.size)}, _read_size),
     Codec(lambda r, i, m: {"Model hash": m.hash, "Model": m.name, "VAE": m.vae}, _read_model),
     Codec(_write_hires, _read_hires),
+    Codec(_write_inpaint, _read_inpaint),
     Codec(lambda r, i, m: {"Denoising strength": r.strength} if r.init_image is not None else {}, _read_strength),
     Codec(lambda r, i, m: {"Clip skip": r.clip_skip if r.clip_skip != 1 else None},
           lambda f, c: {"clip_skip": _number(int, "Clip skip", f.pop("Clip skip"))} if "Clip skip" in f else {}),

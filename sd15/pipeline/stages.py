@@ -21,6 +21,7 @@ sampler draws per step) or A1111's generator per image (`noise_source`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -33,11 +34,13 @@ from ..adapters.library import TAG_KINDS, spec_from_tag
 from ..adapters.names import module_index
 from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning, split_tags
 from ..models.latents import to_diffusion
-from ..sampling import GeneratorNoise, NoiseSource, Plan, guided, hires_schedule, make_plan, sample
+from ..sampling import (GeneratorNoise, ModelCall, NoiseSource, Plan, guided, hires_schedule, make_plan, noised,
+                        predicted_x0, sample)
 from ..sampling.consistency import embedded_guidance
 from ..sampling.guidance import guided_by_step, stack_padded
 from ..sampling.seeds import A1111Noise
 from . import hires, validation, vae_io
+from .masks import paste_back as masks_paste_back
 from .images import tensor_to_pil
 from .request import ModelInfo, Request
 
@@ -73,6 +76,17 @@ class Run:
 class Start:
     initial_noise: torch.Tensor         # on the device, in the sampler's dtype
     x0: torch.Tensor | None = None      # img2img: the clean latents of the init image
+    concat: torch.Tensor | None = None  # an inpainting UNet's extra input: [B, 1 + 4, h, w] mask, masked latents
+    blend: "LatentBlend | None" = None  # a 4-channel UNet inpainting: the known latents blended in per step
+
+
+@dataclass(frozen=True, eq=False)
+class LatentBlend:
+    """Inpainting with an ordinary UNet: outside the mask the state follows the original image."""
+    mask: torch.Tensor        # [B, 1, h, w], 1 = repaint
+    known: torch.Tensor       # [B, 4, h, w] clean latents of the init image
+    noise: torch.Tensor       # the initial noise, re-used to noise `known` to each step's σ (diffusers)
+    formula: str              # "diffusers": blend the sampler's state; "a1111": blend the x0 prediction
 
 
 def prepare(models: Models, request: Request) -> Run:
@@ -138,13 +152,61 @@ def conditioning(models: Models, run: Run) -> Conditioning:
 def initial_latents(models: Models, run: Run) -> Start:
     state = sampler_dtype(models.dtype)
     image = run.request.init_image
+    if run.request.inpaint is not None:
+        return inpaint_latents(models, run)
     if image is None:
         noise = run.request.latents if run.request.latents is not None else run.noise.first(run.latent_shape)
-        return Start(noise.to(models.device, state))
-    # diffusers' order: the posterior sample first, then the forward-process noise.
-    x0 = encode_sample(models, run, image.tensor.to(models.device, models.dtype))
-    x0 = x0.repeat(run.latent_shape[0] // len(image), 1, 1, 1)
-    return Start(run.noise.first(tuple(x0.shape)).to(models.device, state), x0)
+        start = Start(noise.to(models.device, state))
+    else:
+        # diffusers' order: the posterior sample first, then the forward-process noise.
+        x0 = encode_sample(models, run, image.tensor.to(models.device, models.dtype))
+        x0 = x0.repeat(run.latent_shape[0] // len(image), 1, 1, 1)
+        start = Start(run.noise.first(tuple(x0.shape)).to(models.device, state), x0)
+    if inpainting_unet(models):
+        start = replace(start, concat=repaint_everything(models, run))
+    return start
+
+
+def repaint_everything(models: Models, run: Run) -> torch.Tensor:
+    """An inpainting UNet's extra input with no mask: all of it repainted, over a grey image (A1111, diffusers)."""
+    b, _, h, w = run.latent_shape
+    f = models.vae.cfg.downscale
+    grey = torch.zeros((1, 3, h * f, w * f), device=models.device, dtype=models.dtype)
+    concat = torch.cat([torch.ones((1, 1, h, w), device=models.device, dtype=sampler_dtype(models.dtype)),
+                        encode_sample(models, run, grey)], dim=1)
+    return concat.repeat(b, 1, 1, 1)
+
+
+def inpainting_unet(models: Models) -> bool:
+    """An inpainting UNet takes the noisy latents, the mask and the masked image's latents: 4 + 1 + 4."""
+    return models.unet.cfg.in_channels == 2 * models.vae.cfg.latent_channels + 1
+
+
+def inpaint_latents(models: Models, run: Run) -> Start:
+    """Masks, the start and what the UNet or the blend needs, in diffusers' draw order: the image's posterior
+    sample (a 4-channel UNet, or strength < 1), the initial noise, the masked image's posterior sample
+    (an inpainting UNet). Strength 1 starts from pure noise, as diffusers' inpainting does."""
+    r, state, f = run.request, sampler_dtype(models.dtype), models.vae.cfg.downscale
+    image = r.init_image
+    reps = run.latent_shape[0] // len(image)
+    masks = r.inpaint.processed(image.size)
+    pixels = image.tensor.to(models.device, models.dtype)
+    nine = inpainting_unet(models)
+    x0 = encode_sample(models, run, pixels).repeat(reps, 1, 1, 1) if (not nine or r.strength < 1) else None
+    noise = run.noise.first(run.latent_shape).to(models.device, state)
+    mask = masks.latent(f).to(models.device, state).repeat(run.latent_shape[0], 1, 1, 1)
+    concat = None
+    if nine:        # A1111's conditioning image: lerp(src, src·(1 − mask), weight); weight 1 is diffusers' hole
+        binary = masks.binary.to(models.device, models.dtype)
+        masked = pixels * (1 - r.inpaint.mask_weight * binary)
+        concat = torch.cat([mask, encode_sample(models, run, masked).repeat(reps, 1, 1, 1)], dim=1)
+    else:           # diffusers encodes the masked image for a 4-channel UNet too, unused: its draw, not its VAE
+        run.noise.posterior((len(image), *run.latent_shape[1:]))
+    if x0 is not None and r.inpaint.fill != "original":     # A1111's masked content, in latent space
+        hole = r.inpaint.fill == "latent noise"
+        x0 = x0 * (1 - mask) + (run.noise.draw(tuple(x0.shape)).to(x0) * mask if hole else 0)
+    blend = None if nine else LatentBlend(mask, x0, noise, r.inpaint.blend)
+    return Start(noise, x0 if r.strength < 1 else None, concat, blend)
 
 
 def encode_sample(models: Models, run: Run, images: torch.Tensor) -> torch.Tensor:
@@ -169,11 +231,52 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
                        None if untexts is None else stack_padded(untexts), scale)
     else:
         model = guided_by_step(models.unet, cond.at, scale)
+    if start.concat is not None:
+        model = with_image_conditioning(model, start.concat)
+    after_step = None
+    if start.blend is not None:
+        model, after_step = blended(model, start.blend, run.plan)
     x = None
-    for i, x in enumerate(sample(run.plan, model, start.initial_noise, start.x0, source=run.noise), start=1):
+    for i, x in enumerate(sample(run.plan, model, start.initial_noise, start.x0, source=run.noise,
+                                 after_step=after_step), start=1):
         if progress is not None:
             progress(i, run.plan.num_steps, x)
     return x
+
+
+def with_image_conditioning(model, concat: torch.Tensor):
+    """An inpainting UNet's input: the (already scaled) noisy latents, then the mask and the masked image's
+    latents unscaled; guidance batches and indexes the rows, so both halves of CFG see the same ones."""
+    def conditioned(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        return model(torch.cat([x, concat.to(x.dtype)], dim=1), call)
+    return conditioned
+
+
+def blended(model, blend: LatentBlend, plan: Plan):
+    """A 4-channel UNet inpainting: (model, after_step).
+
+    diffusers (StableDiffusionInpaintPipeline): after each step the state outside the mask is the original's
+    latents noised to the next σ with the initial noise, the clean latents after the last step.
+    A1111: the x0 prediction is blended with the clean latents inside every model call, and the result once
+    more after the last step."""
+    keep = 1 - blend.mask
+    last = plan.num_steps - 1
+
+    def diffusers_step(x: torch.Tensor, step: int) -> torch.Tensor:
+        known = blend.known if step == last else noised(plan, blend.known, blend.noise, float(plan.sigmas[step + 1]))
+        return keep * known + blend.mask * x
+
+    if blend.formula == "diffusers":
+        return model, diffusers_step
+
+    def a1111_x0(x_in: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        eps = model(x_in, call)
+        x0 = blend.mask * predicted_x0(x_in, eps, call.sigma) + keep * blend.known
+        return (x_in * math.sqrt(call.sigma ** 2 + 1) - x0) / call.sigma      # the ε that predicts that x0
+
+    def a1111_last(x: torch.Tensor, step: int) -> torch.Tensor:
+        return keep * blend.known + blend.mask * x if step == last else x
+    return a1111_x0, a1111_last
 
 
 def lcm_distilled(models: Models, run: Run, cond: Conditioning):
@@ -207,6 +310,8 @@ def hires_pass(models: Models, run: Run, latents: torch.Tensor, progress: Progre
         pixels = hires.upscale_pixels(tensor_to_pil(decode(models, latents)), t, upscaler)
         x0 = hires.crop(encode_sample(models, run2, pixels.to(models.device, models.dtype)), t)
     start = Start(run2.noise.first(tuple(x0.shape)).to(models.device, state), x0.to(state))
+    if inpainting_unet(models):
+        start = replace(start, concat=repaint_everything(models, run2))
     cond = conditioning(models, run2)
     if request.hires.prompt is not None and request.prompt_syntax == "a1111":
         tags = [str(t) for t in split_tags(request.hires.prompt)[1] if t.kind in TAG_KINDS]
@@ -220,6 +325,25 @@ def hires_pass(models: Models, run: Run, latents: torch.Tensor, progress: Progre
 
 def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
     return vae_io.decode(models.vae, latents)
+
+
+def paste_back(models: Models, run: Run, pixels: torch.Tensor) -> torch.Tensor:
+    """Inpainting: the original pixels wherever the (blurred) mask is 0, so nothing outside it changes."""
+    r = run.request
+    if r.inpaint is None:
+        return pixels
+    image = r.init_image
+    masks = r.inpaint.processed(image.size)
+    original = image.tensor.repeat(len(pixels) // len(image), 1, 1, 1)
+    return masks_paste_back(pixels, original, masks)
+
+
+def inpaint_mask_is_empty(run: Run) -> bool:
+    r = run.request
+    if r.inpaint is None or not r.inpaint.processed(r.init_image.size).empty:
+        return False
+    log.warning("the inpainting mask is empty (nothing to repaint): the image is returned unchanged")
+    return True
 
 
 def annotate(pixels: torch.Tensor, run: Run, model: ModelInfo, cond: Conditioning,
