@@ -36,7 +36,7 @@ OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo"
            "--seed-mode", "--subseed", "--subseed-strength", "--seed-resize-from", "--noise-seed-delta",
            "--hires", "--hr-scale", "--hr-resize", "--hr-upscaler", "--hr-steps", "--hr-denoising-strength",
            "--hr-sampler", "--hr-prompt", "--hr-negative-prompt", "--mask", "--mask-blur", "--invert-mask",
-           "--masked-content", "--inpaint-blend"]
+           "--masked-content", "--inpaint-blend", "--inpaint-only-masked", "--mask-padding", "--outpaint"]
 
 
 @pytest.fixture(scope="module")

@@ -95,8 +95,22 @@ def test_full_mask_is_img2img_over_everything(pipe):
 def test_masked_content_modes_differ(pipe):
     image, mask = photo(), square_mask()
     results = {fill: np.asarray(pipe.inpaint(image, mask, "x", strength=0.6, steps=4, seed=3, fill=fill,
-                                             sampler="euler")[0]) for fill in ("original", "latent noise", "latent nothing")}
-    assert len({r.tobytes() for r in results.values()}) == 3
+                                             sampler="euler")[0]) for fill in ("original", "fill", "latent noise",
+                                                                               "latent nothing")}
+    assert len({r.tobytes() for r in results.values()}) == 4
+
+
+def test_a1111_fill_fills_the_hole_from_around_it_and_keeps_the_rest():
+    from sd15.pipeline.masks import a1111_fill
+    image, mask = photo(), square_mask()
+    filled = np.asarray(a1111_fill(image, mask), dtype=int)
+    original = np.asarray(image, dtype=int)
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(filled[keep], original[keep])
+    hole = filled[12:36, 24:48]
+    assert not np.array_equal(hole, original[12:36, 24:48])                 # the hole is replaced ...
+    around = original[keep]                                                    # ... by colours from around it
+    assert (hole.reshape(-1, 3).min(0) >= around.min(0) - 1).all() and (hole.reshape(-1, 3).max(0) <= around.max(0) + 1).all()
 
 
 def test_cli_mask(tiny_ckpt_file, tmp_path, capsys):
@@ -146,3 +160,34 @@ def test_an_inpainting_checkpoint_runs_every_path(inpainting_pipe):
     weak = pipe.inpaint(image, mask, "x", mask_weight=0.5, **kw)[0]          # the model sees the real hole
     assert not np.array_equal(np.asarray(weak), np.asarray(outputs[2]))
     assert "Conditional mask weight: 0.5" in weak.info["parameters"]
+
+
+def test_outpaint_extends_the_canvas_and_keeps_the_image(pipe):
+    image = photo(64, 48)
+    out = pipe.outpaint(image, "more sky", right=20, top=8, steps=2, seed=4, mask_blur=0)[0]
+    assert out.size == (88, 56)                               # 64+20 -> 88 (a multiple of 8), 48+8 = 56
+    a, b = np.asarray(out, dtype=int), np.asarray(image, dtype=int)
+    assert np.array_equal(a[8:56, 0:64], b)                   # the old image, untouched, where it was
+    assert np.abs(a[8:56, 64:] - b[:, -1:]).mean() > 5       # the new margin is painted, not the edge copy
+    from sd15.pipeline.masks import outpaint_canvas
+    canvas, mask = outpaint_canvas(image, left=4)
+    assert canvas.size == (72, 48) and np.asarray(mask)[:, :4].min() == 255 and np.asarray(mask)[:, 4:68].max() == 0
+    with pytest.raises(ValueError, match="at least one side"):
+        outpaint_canvas(image)
+
+
+def test_cli_only_masked_and_outpaint(tiny_ckpt_file, tmp_path, capsys):
+    photo().save(tmp_path / "photo.png")
+    square_mask().save(tmp_path / "mask.png")
+    common = ["--ckpt", str(tiny_ckpt_file), "--prompt", "a barn", "--init-image", str(tmp_path / "photo.png"),
+              "--steps", "2", "--device", "cpu", "--quiet"]
+    out = tmp_path / "crop.png"
+    assert generate.main(common + ["--mask", str(tmp_path / "mask.png"), "--inpaint-only-masked", "--mask-padding",
+                                   "8", "--width", "32", "--height", "32", "--out", str(out)]) == 0
+    text = read_parameters(out)
+    assert Image.open(out).size == (64, 48) and "Inpaint area: Only masked" in text and "Masked area padding: 8" in text
+    out = tmp_path / "wide.png"
+    assert generate.main(common + ["--outpaint", "0,16,0,0", "--out", str(out)]) == 0
+    assert Image.open(out).size == (80, 48) and "Denoising strength: 1.0" in read_parameters(out)
+    assert generate.main(common + ["--outpaint", "0,16", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "--outpaint takes LEFT,RIGHT,TOP,BOTTOM" in capsys.readouterr().err

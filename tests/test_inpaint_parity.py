@@ -14,6 +14,11 @@ Measured (torch 2.13 CPU, diffusers 0.42.1, one thread; 64x48, batch 2, CFG 7.5,
 prints them): latents <= 5.2e-6 and decoded <= 3.9e-6 over the 4- and 9-channel cases; a 9-channel
 img2img without a mask 5.9e-6 / 5.4e-6; a 9-channel txt2img 4.7e-7 / 1.0e-6 off the CPU fast path (6.6e-5
 on it: our channels-last GroupNorm on the flat grey image, see that test).
+Full SD1.5 size (random weights, fp32, 64x48, batch 1, 2 denoising steps; section 6): 4-channel, Euler a,
+strength 1: latents 9.4e-7, decoded 3.0e-6, pixels identical; 9-channel (the same tensors, first
+convolution widened), DPM++ 2M Karras, strength 0.6: latents 7.3e-7, decoded 2.9e-6, pixels 99.978%
+identical, max diff 1, PSNR 84.8 dB. Bounds there: 1e-5, and test_pipeline_parity's pixel bounds (max
+diff <= 1, >= 99.5% identical, >= 60 dB) between diffusers' PIL image and our decode before paste-back.
 
 A draw diffusers makes that is easy to miss: it VAE-encodes the masked image, a posterior sample from the
 generator, for a 4-channel UNet too, where the result is unused; sd15 draws that noise (without the encode)
@@ -25,6 +30,7 @@ mask blur, which must equal OpenCV's cv2.GaussianBlur bit for bit (A1111 calls i
 """
 
 import dataclasses
+import gc
 import logging
 
 import numpy as np
@@ -35,15 +41,17 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import TINY, reference_models, reference_scheduler, rel_err
+from reference import FULL, TINY, engine_models, reference_models, reference_scheduler, reference_unet, rel_err
+from sd15.conditioning.tokenizer import CLIPTokenizer
 from sd15.models.demo import PREFIX, tiny_metadata
 from sd15.models.latents import LATENT_SCALE
+from sd15.models.loading import unet_config_from_shapes
 from sd15.pipeline import stages
 from sd15.pipeline.images import pil_to_tensor, tensor_to_pil
 from sd15.pipeline.masks import Inpaint, gaussian_blur, paste_back
 from sd15.pipeline.request import Request
 from sd15.sampling import predicted_x0
-from tools.make_checkpoint import save
+from tools.make_checkpoint import random_full_state_dict, save
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                          "ignore:TF32 acceleration:UserWarning"),
@@ -367,7 +375,7 @@ def test_inpainting_needs_an_init_image():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("fill", "fill", "masked content"), ("fill", "noise", "masked content"), ("blend", "comfy", "blend"),
+    ("fill", "smear", "masked content"), ("fill", "noise", "masked content"), ("blend", "comfy", "blend"),
     ("blur", -1, "mask blur"), ("blur", 65, "mask blur"), ("blur", True, "mask blur"), ("blur", "4", "mask blur"),
     ("mask_weight", 1.5, "mask_weight"), ("mask_weight", -0.1, "mask_weight"), ("mask_weight", True, "mask_weight"),
     ("invert", 1, "invert")])
@@ -400,3 +408,88 @@ def test_an_empty_mask_returns_the_image_unchanged_with_a_warning(models, channe
     assert any("mask is empty" in r.getMessage() for r in caplog.records if r.name == "sd15")
     # A mask the >= 0.5 threshold empties (greys below 128) is empty too, blur 0 or not.
     assert Inpaint(Image.new("L", (W, H), 127), blur=0).processed((W, H)).empty
+
+
+# ---- 6. full SD1.5 size --------------------------------------------------------------------------
+
+FULL_CASES = [(4, "euler_a", 1.0, 2), (9, "dpmpp_2m_karras", 0.6, 4)]    # (channels, sampler, strength, steps)
+PIXEL_MAX_DIFF, PIXEL_IDENTICAL, PIXEL_PSNR = 1, 0.995, 60.0             # test_pipeline_parity's bounds
+
+
+@pytest.fixture(scope="module")
+def full_size(tokenizer):
+    """{4: (ours, reference components), 9: (...)} at full SD1.5 size (1.07 B random parameters, fp32).
+
+    One random state dict (4.3 GB) for everything, as test_pipeline_parity's full-size case: ours through
+    `sd15.files` into engine models (reference.engine_models, what sd15.load does after reading; the file
+    path is the tiny cases' above), the reference through diffusers' converters, both sharing its tensors.
+    The 9-channel UNet is the same tensors with the first convolution widened (the 4 channels kept, 5
+    random ones added), its config read from the shapes as sd15.load reads it; the VAE and the text
+    encoders are shared by both checkpoints. Each test takes its entry out; the rest goes with the module.
+    """
+    sd = random_full_state_dict(seed=0)
+    weight = sd[CONV_IN]
+    extra = torch.randn((weight.shape[0], 5, 3, 3), generator=torch.Generator().manual_seed(9)) / (4 * 9) ** 0.5
+    nine = dict(sd) | {CONV_IN: torch.cat([weight, extra], dim=1) * (4 / 9) ** 0.5}   # fan-in 81 now: rescaled
+    unet9 = unet_config_from_shapes({k[len(PREFIX["unet"]):]: tuple(v.shape) for k, v in nine.items()
+                                     if k.startswith(PREFIX["unet"])})
+    assert unet9 == dataclasses.replace(FULL.unet, in_channels=9)
+    ref, engine = reference_models(sd, FULL), engine_models(sd, FULL)
+    configs9 = dataclasses.replace(FULL, unet=unet9)
+    ref_unet9, engine_unet9 = reference_unet(nine, unet9), engine_models(nine, configs9).unet
+    del sd, nine, weight, extra
+    out = {}
+    for channels, ours_unet, ref_unet in ((4, engine.unet, ref.unet), (9, engine_unet9, ref_unet9)):
+        pipe = sd15.Pipeline(tokenizer=CLIPTokenizer(), text_encoder=engine.text_encoder, unet=ours_unet,
+                             vae=engine.vae, device=torch.device("cpu"), dtype=torch.float32)
+        assert pipe.unet.cfg.in_channels == channels == ref_unet.config.in_channels
+        out[channels] = pipe, dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref_unet, tokenizer=tokenizer,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    del ref, engine, ref_unet9, engine_unet9, pipe, ours_unet, ref_unet
+    yield out
+    out.clear()             # pytest keeps the fixture's value: empty it so the 4.3 GB goes now
+    gc.collect()
+
+
+def pixel_stats(ours: list[Image.Image], ref: list[Image.Image]) -> tuple[float, int, float]:
+    """(fraction of identical uint8 values, max |difference|, PSNR in dB), as test_pipeline_parity's."""
+    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
+    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("channels,sampler,strength,steps", FULL_CASES,
+                         ids=[f"{c}ch-{s}-{t}" for c, s, t, _ in FULL_CASES])
+def test_full_size_inpaint_matches_diffusers(full_size, channels, sampler, strength, steps):
+    """Full SD1.5 size, fp32, 64x48, batch 1, CFG 7.5, 2 denoising steps (4 at strength 0.6: int(4·0.6) = 2).
+    Latents per step and the decoded image before paste-back within 1e-5; diffusers' PIL images (no
+    paste-back) against our decode's within test_pipeline_parity's pixel bounds; what generate returned is
+    that decode pasted back, exactly."""
+    # Taken out of the fixture: its models go when this test ends (the UNet's tensors are shared with the
+    # other checkpoint's, but its oneDNN-prepacked weights, +2.4 GB, are its own).
+    pipe, components = full_size.pop(channels)
+    image, mask, seed = picture(), mask_picture(), 2000 + channels
+    ours_images, ours_steps = run_ours(pipe, Request(
+        sampler=sampler, seed=seed, steps=steps, init_image=image, strength=strength,
+        inpaint=Inpaint(mask, blur=0), **common()))
+    reference = StableDiffusionInpaintPipeline(**components, scheduler=reference_scheduler(sampler))
+    reference.set_progress_bar_config(disable=True)
+    ref_steps = []
+    ref_images = reference(
+        image=image, mask_image=mask, height=H, width=W, strength=strength, num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed), output_type="pil", **common(),
+        callback_on_step_end=lambda _p, _i, _t, tensors: ref_steps.append(tensors["latents"].clone()) or {}).images
+    lat, dec, decoded = compare(pipe, components["vae"], ours_steps, ref_steps)
+    assert len(ours_steps) == int(steps * strength) == 2 and ours_steps[-1].shape == (1, 4, H // 8, W // 8)
+    identical, max_diff, psnr = pixel_stats(tensor_to_pil(decoded), ref_images)
+    assert max_diff <= PIXEL_MAX_DIFF and identical >= PIXEL_IDENTICAL and psnr >= PIXEL_PSNR, \
+        f"identical {identical:.5f}, max diff {max_diff}, PSNR {psnr:.1f} dB"
+    masks = Inpaint(mask, blur=0).processed((W, H))
+    expected = tensor_to_pil(paste_back(decoded, pil_to_tensor(image), masks))
+    assert len(ours_images) == 1 and np.array_equal(np.asarray(ours_images[0]), np.asarray(expected[0]))
+    assert float(np.asarray(ref_images[0]).std()) > 5       # a picture (of noise), not a flat image
+    print(f"full size {channels}ch {sampler} strength {strength}: latents {lat:.1e}, decoded {dec:.1e}, "
+          f"identical {identical:.5f}, max diff {max_diff}, PSNR {psnr:.1f} dB")

@@ -22,7 +22,7 @@ from ..pipeline.stages import ti_name
 from ..pipeline.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
                                 SEED_MODES, Request)
 from ..pipeline.hires import UPSCALERS, Hires
-from ..pipeline.masks import BLENDS, FILLS, Inpaint
+from ..pipeline.masks import BLENDS, FILLS, Inpaint, outpaint_canvas
 from ..sampling.registry import SAMPLERS, resolve_sampler
 from ..sampling.schedule_types import SCHEDULE_TYPES
 
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images to draw at once (same seed, one batch; default 1)")
     p.add_argument("--init-image", help="img2img: start from this image (its size, rounded down to x8, is used)")
     p.add_argument("--strength", type=float,
-                   help=f"img2img: how much of the schedule to re-run, in (0, 1] (default {DEFAULT_STRENGTH}); "
-                        "1 ignores the image's content")
+                   help=f"img2img: how much of the schedule to re-run, in (0, 1] (default {DEFAULT_STRENGTH}; "
+                        "inpainting 1); 1 ignores the image's content")
     p.add_argument("--clip-skip", type=int,
                    help="A1111's clip skip: 1 = the text encoder's last layer (default), 2 = the one before "
                         "(what most anime fine-tunes expect; diffusers calls it clip_skip=1)")
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-blur", type=float, help="inpaint: A1111's mask blur in pixels (default 4)")
     p.add_argument("--invert-mask", action="store_true", help="inpaint: repaint where the mask is black")
     p.add_argument("--masked-content", choices=FILLS, help="inpaint: how the masked area starts (default original)")
+    p.add_argument("--inpaint-only-masked", action="store_true",
+                   help="inpaint: A1111's \"Only masked\": paint a crop around the mask at --width x --height, "
+                        "paste it back")
+    p.add_argument("--mask-padding", type=int, help="inpaint, only masked: pixels around the mask (default 32)")
+    p.add_argument("--outpaint", metavar="L,R,T,B",
+                   help="extend the init image by these many pixels left, right, top, bottom and paint them")
     p.add_argument("--inpaint-blend", choices=BLENDS,
                    help="inpaint, ordinary checkpoints: diffusers' latent blend (default) or A1111's x0 blend")
     p.add_argument("--hires", action="store_true",
@@ -173,11 +179,17 @@ def build_request(args):
         given["sampler_options"] = options
     if args.schedule_type is not None and args.sampler is not None:
         given["sampler"] = resolve_sampler(args.sampler, args.schedule_type).full_name
+    if args.outpaint is not None:
+        if args.mask is not None or args.init_image is None:
+            raise ValueError("--outpaint extends the --init-image (and makes its own mask: drop --mask)")
+        canvas, mask = outpaint_canvas(args.init_image, *outpaint_sides(args.outpaint))
+        given["init_image"], args.mask = canvas, mask
     if args.mask is not None:
         given["inpaint"] = inpaint_settings(args)
-    elif any(v is not None for v in (args.mask_blur, args.masked_content, args.inpaint_blend)) or args.invert_mask:
-        raise ValueError("--mask-blur, --invert-mask, --masked-content and --inpaint-blend set up inpainting: "
-                         "give the mask (--mask FILE) and the image (--init-image FILE)")
+    elif any(v is not None for v in (args.mask_blur, args.masked_content, args.inpaint_blend, args.mask_padding)) \
+            or args.invert_mask or args.inpaint_only_masked:
+        raise ValueError("--mask-blur, --invert-mask, --masked-content, --inpaint-blend, --inpaint-only-masked and "
+                         "--mask-padding set up inpainting: give the mask (--mask FILE) and the image (--init-image)")
     alone = None if args.sampler is not None else args.schedule_type      # --schedule-type without --sampler
     if args.from_png is None:
         request = Request(**given)
@@ -200,8 +212,17 @@ def build_request(args):
 
 
 def inpaint_settings(args) -> Inpaint:
-    given = {"blur": args.mask_blur, "fill": args.masked_content, "blend": args.inpaint_blend}
-    return Inpaint(args.mask, invert=args.invert_mask, **{k: v for k, v in given.items() if v is not None})
+    given = {"blur": args.mask_blur, "fill": args.masked_content, "blend": args.inpaint_blend,
+             "padding": args.mask_padding}
+    return Inpaint(args.mask, invert=args.invert_mask, only_masked=args.inpaint_only_masked,
+                   **{k: v for k, v in given.items() if v is not None})
+
+
+def outpaint_sides(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--outpaint takes LEFT,RIGHT,TOP,BOTTOM in pixels such as 0,128,0,0, got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def with_schedule_type(request: Request, schedule_type: str | None) -> Request:

@@ -14,15 +14,16 @@ init image's size:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from .images import ImageError, open_image
 
-FILLS = ("original", "latent noise", "latent nothing")   # A1111's "Masked content" (its "fill": not yet)
+FILLS = ("original", "fill", "latent noise", "latent nothing")   # A1111's "Masked content"
 BLENDS = ("diffusers", "a1111")
 
 
@@ -79,6 +80,20 @@ def gaussian_blur(mask: Image.Image, blur: float) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8), mode="L")
 
 
+def a1111_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content (modules/masking.py): the hole filled from the image around it, by
+    alpha-compositing ever less blurred copies of the image with the hole cut out; outside the mask the last
+    copy (radius 0) is the image itself."""
+    canvas = Image.new("RGBA", image.size)
+    cut = Image.new("RGBa", image.size)
+    cut.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = cut.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            canvas.alpha_composite(blurred)
+    return canvas.convert("RGB")
+
+
 @dataclass(frozen=True, eq=False)
 class Inpaint:
     """The inpainting settings of an img2img request (A1111's inpaint tab, diffusers' mask_image)."""
@@ -88,6 +103,9 @@ class Inpaint:
     fill: str = "original"               # "Masked content": the start of the masked area
     blend: str = "diffusers"             # 4-channel UNets: diffusers' latent blend, or A1111's x0 blend
     mask_weight: float = 1.0             # A1111's "Conditional mask weight" (inpainting UNets)
+    only_masked: bool = False            # A1111's "Inpaint area: Only masked": crop, generate, paste back
+    padding: int = 32                    # "Only masked padding, pixels" around the mask's bounding box
+    paste_back: bool = True              # False: diffusers' whole-picture result, the VAE's round trip kept
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -105,6 +123,11 @@ class Inpaint:
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1:
             raise ValueError(f"mask_weight must be a number in [0, 1], got {w!r}")
         set_("mask_weight", float(w))
+        for name in ("only_masked", "paste_back"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.padding, int) or isinstance(self.padding, bool) or not 0 <= self.padding <= 1024:
+            raise ValueError(f"padding must be a whole number of pixels from 0 to 1024, got {self.padding!r}")
 
     @classmethod
     def of(cls, value) -> "Inpaint | None":
@@ -116,18 +139,22 @@ class Inpaint:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Inpaint) and np.array_equal(np.asarray(self.mask), np.asarray(other.mask)) and \
-            (self.blur, self.invert, self.fill, self.blend, self.mask_weight) == \
-            (other.blur, other.invert, other.fill, other.blend, other.mask_weight)
+            self._settings() == other._settings()
+
+    def _settings(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mask")
 
     __hash__ = None
 
-    def processed(self, size: tuple[int, int]) -> "Masks":
-        """The masks at the image's (width, height)."""
+    def blurred(self, size: tuple[int, int]) -> Image.Image:
+        """The mask inverted if asked, blurred, at (width, height): the "L" image every other mask comes from."""
         m = ImageOps.invert(self.mask) if self.invert else self.mask
         m = gaussian_blur(m, self.blur)
-        if m.size != tuple(size):
-            m = m.resize(tuple(size), resample=Image.LANCZOS)
-        soft = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
+        return m if m.size == tuple(size) else m.resize(tuple(size), resample=Image.LANCZOS)
+
+    def processed(self, size: tuple[int, int]) -> "Masks":
+        """The masks at the image's (width, height)."""
+        soft = torch.from_numpy(np.asarray(self.blurred(size), dtype=np.float32) / 255.0)[None, None]
         return Masks(binary=(soft >= 0.5).float(), overlay=(2 * soft).clamp(max=1.0))
 
 
@@ -151,3 +178,24 @@ def paste_back(generated: torch.Tensor, original: torch.Tensor, masks: Masks) ->
     mixed in between (A1111's apply_overlay)."""
     a = masks.overlay.to(generated.device, generated.dtype)
     return original.to(generated.device, generated.dtype) * (1 - a) + generated * a
+
+
+def outpaint_canvas(image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+                    multiple: int = 8) -> tuple[Image.Image, Image.Image]:
+    """The image on a larger canvas and the mask of what is new (white), for outpainting by inpainting.
+
+    The new margins repeat the image's edge pixels (their content matters only below strength 1); the right and
+    bottom margins grow by what the canvas needs to reach a multiple of 8 on each side."""
+    for name, value in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 4096:
+            raise ValueError(f"outpaint {name} must be a whole number of pixels from 0 to 4096, got {value!r}")
+    if not (left or right or top or bottom):
+        raise ValueError("outpainting needs at least one side to extend (left, right, top, bottom)")
+    from .images import to_rgb
+    img = to_rgb(open_image(image))
+    w, h = img.width + left + right, img.height + top + bottom
+    right, bottom = right + (-w) % multiple, bottom + (-h) % multiple
+    a = np.pad(np.asarray(img), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(a.shape[:2], 255, dtype=np.uint8)
+    mask[top:top + img.height, left:left + img.width] = 0
+    return Image.fromarray(a), Image.fromarray(mask, mode="L")

@@ -28,7 +28,9 @@ from ..models.unet import UNet
 from ..models.vae import VAE
 from . import stages, vae_io
 from .locks import SharedExclusive
-from .masks import Inpaint
+from . import only_masked
+from .infotext import parse_infotext
+from .masks import Inpaint, outpaint_canvas
 from .request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, ModelInfo, Request
 from .stages import Progress
 
@@ -64,6 +66,11 @@ class Pipeline:
 
         progress(step, total, latents) is called after each sampler step (raise from it to stop).
         """
+        if request.inpaint is not None and request.inpaint.only_masked:
+            request = request.with_seed()
+            inner, where = only_masked.inner_request(request)
+            return self._pasted(request, only_masked.paste(self.generate(inner, progress), where,
+                                                           request.inpaint.paste_back))
         run = stages.prepare(self, request)
         if stages.inpaint_mask_is_empty(run):
             image = run.request.init_image
@@ -95,6 +102,22 @@ class Pipeline:
                 latents = stages.hires_pass(self, run, latents, progress)
             pixels = stages.paste_back(self, run, stages.decode(self, latents))
         return stages.annotate(pixels, run, self.model_info, cond, uses)
+
+    def outpaint(self, image, prompt: str | list[str], *, left: int = 0, right: int = 0, top: int = 0,
+                 bottom: int = 0, mask_blur: float = 4, **inpaint_options) -> list[Image.Image]:
+        """Extend `image` by that many pixels on each side and paint the new margins (`inpaint` on a larger
+        canvas: the margins start from the image's edge pixels and are masked; sides round up to multiples
+        of 8 on the right and bottom). Other keywords are `inpaint`'s."""
+        canvas, mask = outpaint_canvas(image, left, right, top, bottom)
+        return self.inpaint(canvas, mask, prompt, mask_blur=mask_blur, **inpaint_options)
+
+    def _pasted(self, request: Request, images: list[Image.Image]) -> list[Image.Image]:
+        """Only-masked results carry the whole request's infotext (the crop's generation wrote its own)."""
+        for i, image in enumerate(images):
+            fields = parse_infotext(image.info["parameters"]).fields
+            extra = {k: fields[k] for k in ("Lora hashes", "TI hashes") if k in fields}
+            image.info["parameters"] = request.infotext(i, self.model_info, extra)
+        return images
 
     def txt2img(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "",
                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -141,6 +164,7 @@ class Pipeline:
 
     def inpaint(self, image, mask, prompt: str | list[str], *, strength: float = 1.0, mask_blur: float = 4,
                 invert: bool = False, fill: str = "original", blend: str = "diffusers", mask_weight: float = 1.0,
+                only_masked: bool = False, padding: int = 32,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, seed: int | None = None,
                 batch_size: int = 1, width: int | None = None, height: int | None = None,
@@ -150,14 +174,17 @@ class Pipeline:
         An inpainting checkpoint (9 input channels) sees the mask and the masked image; an ordinary one is
         blended with the original latents every step (`blend`: diffusers' formula or A1111's). strength 1
         (the default) repaints from pure noise. Outside the (blurred) mask the result is the original image,
-        pixel for pixel. mask_blur, invert, fill, mask_weight: A1111's inpaint settings (see Inpaint).
+        pixel for pixel. mask_blur, invert, fill, mask_weight, only_masked, padding: A1111's inpaint settings
+        (see Inpaint); with only_masked, width x height is the size the crop around the mask is painted at.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
                                      batch_size=batch_size, init_image=image, strength=strength,
                                      seed_mode=seed_mode, inpaint=Inpaint(mask, blur=mask_blur, invert=invert,
                                                                           fill=fill, blend=blend,
-                                                                          mask_weight=mask_weight)), progress)
+                                                                          mask_weight=mask_weight,
+                                                                          only_masked=only_masked,
+                                                                          padding=padding)), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 

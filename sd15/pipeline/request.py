@@ -114,8 +114,8 @@ class Request:
         self._check_seed_mode(set_)
         if self.init_image is None and self.strength not in (None, 1, 1.0):
             raise ValueError(f"strength {self.strength} needs an init image; txt2img runs the whole schedule")
-        if self.strength is None:
-            set_("strength", 1.0 if self.init_image is None else DEFAULT_STRENGTH)
+        if self.strength is None:      # inpainting, as diffusers': the masked area from pure noise
+            set_("strength", 1.0 if self.init_image is None or self.inpaint is not None else DEFAULT_STRENGTH)
         kept_steps(self.steps, self.strength)               # steps and strength, before any image is read
         set_("strength", float(self.strength))
         if self.init_image is None:
@@ -426,7 +426,9 @@ def _write_inpaint(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
     p = r.inpaint
     if p is None:
         return {}
-    return {"Mask blur": int(p.blur) if p.blur == int(p.blur) else p.blur, "Inpaint area": "Whole picture",
+    return {"Mask blur": int(p.blur) if p.blur == int(p.blur) else p.blur,
+            "Inpaint area": "Only masked" if p.only_masked else "Whole picture",
+            "Masked area padding": p.padding if p.only_masked else None,
             "Masked content": p.fill, "Mask mode": "Inpaint not masked" if p.invert else None,
             "Conditional mask weight": p.mask_weight if p.mask_weight != 1 else None,
             "Inpaint blend": "a1111" if p.blend == "a1111" else None}

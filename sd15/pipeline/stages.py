@@ -40,8 +40,9 @@ from ..sampling.consistency import embedded_guidance
 from ..sampling.guidance import guided_by_step, stack_padded
 from ..sampling.seeds import A1111Noise
 from . import hires, validation, vae_io
+from .masks import a1111_fill
 from .masks import paste_back as masks_paste_back
-from .images import tensor_to_pil
+from .images import pil_to_tensor, tensor_to_pil
 from .request import ModelInfo, Request
 
 if TYPE_CHECKING:
@@ -190,7 +191,11 @@ def inpaint_latents(models: Models, run: Run) -> Start:
     image = r.init_image
     reps = run.latent_shape[0] // len(image)
     masks = r.inpaint.processed(image.size)
-    pixels = image.tensor.to(models.device, models.dtype)
+    pixels = image.tensor
+    if r.inpaint.fill == "fill":    # A1111 fills the hole in pixels first; both the start and the blend use it
+        blurred = r.inpaint.blurred(image.size)
+        pixels = torch.cat([pil_to_tensor(a1111_fill(im, blurred)) for im in tensor_to_pil(pixels)])
+    pixels = pixels.to(models.device, models.dtype)
     nine = inpainting_unet(models)
     x0 = encode_sample(models, run, pixels).repeat(reps, 1, 1, 1) if (not nine or r.strength < 1) else None
     noise = run.noise.first(run.latent_shape).to(models.device, state)
@@ -202,7 +207,7 @@ def inpaint_latents(models: Models, run: Run) -> Start:
         concat = torch.cat([mask, encode_sample(models, run, masked).repeat(reps, 1, 1, 1)], dim=1)
     else:           # diffusers encodes the masked image for a 4-channel UNet too, unused: its draw, not its VAE
         run.noise.posterior((len(image), *run.latent_shape[1:]))
-    if x0 is not None and r.inpaint.fill != "original":     # A1111's masked content, in latent space
+    if x0 is not None and r.inpaint.fill.startswith("latent"):     # A1111's masked content, in latent space
         hole = r.inpaint.fill == "latent noise"
         x0 = x0 * (1 - mask) + (run.noise.draw(tuple(x0.shape)).to(x0) * mask if hole else 0)
     blend = None if nine else LatentBlend(mask, x0, noise, r.inpaint.blend)
@@ -330,7 +335,7 @@ def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
 def paste_back(models: Models, run: Run, pixels: torch.Tensor) -> torch.Tensor:
     """Inpainting: the original pixels wherever the (blurred) mask is 0, so nothing outside it changes."""
     r = run.request
-    if r.inpaint is None:
+    if r.inpaint is None or not r.inpaint.paste_back:
         return pixels
     image = r.init_image
     masks = r.inpaint.processed(image.size)
