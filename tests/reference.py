@@ -27,7 +27,7 @@ from sd15.files.remap import remap
 
 __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
            "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
-           "engine_models", "component", "rel_err", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
+           "engine_models", "component", "rel_err", "pixel_stats", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
 
 
 FULL = Configs()                                  # sd15.models.loading's: the configs sd15.load builds with
@@ -55,3 +55,14 @@ def engine_models(sd: dict, configs: Configs = FULL) -> Models:
     return Models(_engine(UNet, configs.unet, sd, "unet", unet_key_map(configs.unet)),
                   _engine(VAE, configs.vae, sd, "vae", vae_key_map(configs.vae), vae_transforms(configs.vae)),
                   _engine(TextEncoder, configs.text_encoder, sd, "text_encoder", text_key_map(configs.text_encoder)))
+
+
+def pixel_stats(ours, ref) -> tuple[float, int, float]:
+    """Two lists of PIL images: (fraction of identical uint8 values, max |difference|, PSNR in dB)."""
+    import numpy as np
+    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
+    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

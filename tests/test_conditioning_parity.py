@@ -49,8 +49,8 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import (FULL, POSITION_IDS, TINY, component, engine_models, reference_models, reference_scheduler,
-                       reference_text_encoder, rel_err)
+from reference import (FULL, POSITION_IDS, TINY, component, engine_models, pixel_stats, reference_models,
+                       reference_scheduler, reference_text_encoder, rel_err)
 from tools.reference import fill
 from sd15.conditioning import Embedding, Embeddings, read_embedding
 from sd15.conditioning.chunks import tokenize
@@ -444,15 +444,6 @@ def run_diffusers(pipe, seed, steps, prompt_embeds=None, negative_prompt_embeds=
                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
                output_type="pil", **kwargs)
     return out.images, latents
-
-
-def pixel_stats(a_images, b_images):
-    a = np.stack([np.asarray(im, dtype=np.int16) for im in a_images])
-    b = np.stack([np.asarray(im, dtype=np.int16) for im in b_images])
-    assert a.shape == b.shape
-    diff = np.abs(a - b)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def check_images(name, pipe, ref_vae, ours_out, ref_out, tol=LATENT_TOL):

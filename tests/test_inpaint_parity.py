@@ -41,7 +41,8 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import FULL, TINY, engine_models, reference_models, reference_scheduler, reference_unet, rel_err
+from reference import (FULL, TINY, engine_models, pixel_stats, reference_models, reference_scheduler, reference_unet,
+                       rel_err)
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from sd15.models.demo import PREFIX, tiny_metadata
 from sd15.models.latents import LATENT_SCALE
@@ -449,16 +450,6 @@ def full_size(tokenizer):
     yield out
     out.clear()             # pytest keeps the fixture's value: empty it so the 4.3 GB goes now
     gc.collect()
-
-
-def pixel_stats(ours: list[Image.Image], ref: list[Image.Image]) -> tuple[float, int, float]:
-    """(fraction of identical uint8 values, max |difference|, PSNR in dB), as test_pipeline_parity's."""
-    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
-    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
-    assert a.shape == b.shape
-    diff = np.abs(a - b)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.parametrize("channels,sampler,strength,steps", FULL_CASES,

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import SD15_SCHEDULER, TINY, diffusers_unet_config, reference_models, rel_err
+from reference import SD15_SCHEDULER, TINY, diffusers_unet_config, pixel_stats, reference_models, rel_err
 from sd15.models.latents import LATENT_SCALE
 from sd15.pipeline.request import Request
 from sd15.models.demo import tiny_metadata
@@ -118,15 +118,6 @@ def run_reference(pipe, prompt, seed, **kwargs):
     images = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
                   output_type="pil", **SIZE, **kwargs).images
     return images, steps
-
-
-def pixel_stats(ours, ref):
-    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
-    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
-    assert a.shape == b.shape
-    diff = np.abs(a - b)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 # ---- the file -------------------------------------------------------------------------------------

@@ -72,8 +72,8 @@ from transformers import CLIPTextModel
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import (FULL, TINY, clip_text_config, diffusers_unet_config, engine_models, reference_models,
-                       reference_scheduler, rel_err)
+from reference import (FULL, TINY, clip_text_config, diffusers_unet_config, engine_models, pixel_stats,
+                       reference_models, reference_scheduler, rel_err)
 from sd15.adapters import Loras, Use, merged, on_the_fly, read_adapter
 from sd15.adapters.names import module_index
 from sd15.models.latents import LATENT_SCALE
@@ -398,15 +398,6 @@ def reference_runs(tiny_models, tokenizer, loras):
 
 def uses_of(case: Case, loras, index):
     return [Use(read_adapter(loras[stem].path, index), te, unet) for stem, te, unet in case.loras]
-
-
-def pixel_stats(a_images, b_images):
-    a = np.stack([np.asarray(im, dtype=np.int16) for im in a_images])
-    b = np.stack([np.asarray(im, dtype=np.int16) for im in b_images])
-    assert a.shape == b.shape
-    diff = np.abs(a - b)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.usefixtures("one_thread")

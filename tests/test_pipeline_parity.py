@@ -37,7 +37,7 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import FULL, SCHEDULERS, engine_models, reference_models, reference_scheduler, rel_err
+from reference import FULL, SCHEDULERS, engine_models, pixel_stats, reference_models, reference_scheduler, rel_err
 from sd15.models.latents import LATENT_SCALE
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict
@@ -97,17 +97,6 @@ def run_reference(components, cls, sampler, seed, **kwargs):
     out = pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
                **({"output_type": "pil"} | kwargs))
     return out.images, steps, pipe.vae
-
-
-def pixel_stats(ours: list[Image.Image], ref: list[Image.Image]) -> tuple[float, int, float]:
-    """(fraction of identical uint8 values, max |difference|, PSNR in dB) over the whole batch."""
-    a = np.stack([np.asarray(im, dtype=np.int16) for im in ours])
-    b = np.stack([np.asarray(im, dtype=np.int16) for im in ref])
-    assert a.shape == b.shape
-    diff = np.abs(a - b)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-    return float(np.mean(diff == 0)), int(diff.max()), psnr
 
 
 def check(pipe, ours_out, ref_out, latent_tol=LATENT_TOL):
