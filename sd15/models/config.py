@@ -48,3 +48,12 @@ class TextEncoderConfig:
     num_layers: int = 12
     num_heads: int = 12
     mlp_ratio: int = 4
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet (Zhang et al. 2023): a copy of `unet`'s encoder (its output head unused) plus the hint
+    network, whose stride-2 convs take a `hint_channels` image at 8x the latent size to the first level's width."""
+    unet: UNetConfig = UNetConfig()
+    hint_channels: int = 3                    # RGB control image in [0, 1]
+    hint_widths: tuple[int, ...] = (16, 32, 96, 256)   # one conv at each width, then a stride-2 conv to the next

@@ -12,7 +12,7 @@ UNet keys after `model.diffusion_model.`, VAE keys after `first_stage_model.` (c
 text keys after `cond_stage_model.transformer.` (always starting `text_model.`).
 """
 
-from .config import TextEncoderConfig, UNetConfig, VAEConfig
+from .config import ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 # ---- leaf tables: original leaf module name -> engine leaf module name -------------------------------
 
@@ -152,4 +152,24 @@ def text_key_map(cfg: TextEncoderConfig) -> dict[str, str]:
     for i in range(cfg.num_layers):
         m |= _leaves(f"{t}.encoder.layers.{i}", f"layers.{i}", CLIP_LAYER)
     m |= {f"{t}.final_layer_norm.{p}": f"final_norm.{p}" for p in WB}
+    return m
+
+
+# ---- ControlNet: the UNet encoder's names, plus the hint network and the zero convs ------------------
+
+CONTROLNET_ENCODER = ("time_embed.", "input_blocks.", "middle_block.")   # the original UNet keys it copies
+
+
+def controlnet_key_map(cfg: ControlNetConfig) -> dict[str, str]:
+    """Keys after `control_model.` (or of a pruned file). The encoder copy is `unet_key_map`'s own entries
+    for the original names it shares (our ControlNet names those modules as the UNet does); the hint network
+    is the Sequential `input_hint_block` (convs at even indices, SiLU between) and each zero conv a 1x1 conv
+    at index 0 of its Sequential."""
+    m = {k: v for k, v in unet_key_map(cfg.unet).items() if k.startswith(CONTROLNET_ENCODER)}
+    for j in range(2 * len(cfg.hint_widths)):
+        m |= {f"input_hint_block.{2 * j}.{p}": f"hint.convs.{j}.{p}" for p in WB}
+    skips = 1 + len(cfg.unet.channel_mult) * (cfg.unet.num_res_blocks + 1) - 1
+    for i in range(skips):
+        m |= {f"zero_convs.{i}.0.{p}": f"zero_convs.{i}.{p}" for p in WB}
+    m |= {f"middle_block_out.0.{p}": f"mid_out.{p}" for p in WB}
     return m

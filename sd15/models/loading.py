@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from ..files.checkpoint import SD1Checkpoint, read_sd1_checkpoint, read_vae_file
+from ..files.controlnet import ControlNetState, read_controlnet
 from ..files.errors import CheckpointError
 from ..files.remap import remap
-from .config import TextEncoderConfig, UNetConfig, VAEConfig
-from .keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from .config import ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .controlnet import ControlNet
+from .keymap import controlnet_key_map, text_key_map, unet_key_map, vae_key_map, vae_transforms
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import VAE
@@ -213,3 +215,47 @@ def load_models(path: str | Path, *, vae: str | Path | None = None, device: str 
     except CheckpointError as e:
         raise CheckpointError(f"{vae if vae is not None else path}: {e}") from None
     return text_encoder, unet, vae_model, ckpt
+
+
+# ---- ControlNets ---------------------------------------------------------------------------------------
+
+def controlnet_config_from_shapes(shapes: Shapes, base: UNetConfig = UNetConfig()) -> ControlNetConfig:
+    """The encoder copy's config as `unet_config_from_shapes` reads a UNet's (a ControlNet has no output head:
+    the UNet it controls predicts as many channels as it takes), and the hint network's widths."""
+    first = shapes["input_blocks.0.0.weight"]
+    unet = unet_config_from_shapes({**shapes, "out.2.weight": (first[1],)}, base)
+    convs = sorted(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"input_hint_block\.\d+\.weight", k))
+    # Convs 0, 4, 8, ... open a width (the first, then each stride-2 conv); the last one leads to the UNet's.
+    widths = tuple(shapes[f"input_hint_block.{i}.weight"][0] for i in convs[:-1:2])
+    return ControlNetConfig(unet=unet, hint_channels=shapes[f"input_hint_block.{convs[0]}.weight"][1],
+                            hint_widths=widths)
+
+
+def load_controlnet(path: str | Path, *, unet: UNetConfig | None = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[ControlNet, ControlNetState]:
+    """Read an SD 1.x ControlNet file into a ControlNet (and what was found in the file).
+
+    `unet`: the config of the UNet it will control (default SD 1.5's); it supplies what shapes cannot tell
+    (head and group counts), and the ControlNet must fit it: each residual the width of the skip it joins."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    state = read_controlnet(path)
+    base = unet if unet is not None else UNetConfig()
+    try:
+        try:
+            cfg = controlnet_config_from_shapes({k: tuple(t.shape) for k, t in state.tensors.items()}, base)
+        except (KeyError, IndexError, ValueError):
+            cfg = ControlNetConfig(unet=base)      # remap names what is missing
+        _widths_fit("ControlNet", [cfg.unet.channels * m for m in cfg.unet.channel_mult], cfg.unet.norm_groups,
+                    cfg.unet.num_heads)
+        if unet is not None:
+            ours = dataclasses.replace(cfg.unet, out_channels=unet.out_channels, time_cond_proj_dim=unet.time_cond_proj_dim)
+            # An inpainting UNet (9 channels in) takes a 4-channel ControlNet: it sees the latents only.
+            if dataclasses.replace(ours, in_channels=unet.in_channels) != unet:
+                raise CheckpointError(f"ControlNet: its encoder ({cfg.unet}) is not a copy of this UNet's ({unet})")
+        model = build(ControlNet, cfg, state.tensors, controlnet_key_map(cfg), component="ControlNet",
+                      device=device, dtype=dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, state

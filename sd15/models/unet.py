@@ -156,33 +156,56 @@ class MidBlock(nn.Module):
         return self.res2(self.attn(self.res1(x, time_emb), context), time_emb)
 
 
+def down_levels(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The way down (shared by the UNet and a ControlNet's copy of its encoder): its levels, and the width
+    of each skip it saves, `conv_in`'s first."""
+    widths = [cfg.channels * m for m in cfg.channel_mult]
+    skip_widths, ch = [cfg.channels], cfg.channels
+    levels = nn.ModuleList()
+    for i, width in enumerate(widths):
+        res, attn = [], []
+        for _ in range(cfg.num_res_blocks):
+            res.append(ResBlock(ch, width, cfg.norm_groups, 1e-5, cfg.time_embed_dim))
+            ch = width
+            if i in cfg.attention_levels:
+                attn.append(SpatialTransformer(ch, cfg))
+            skip_widths.append(ch)
+        down = Downsample(ch) if i < len(widths) - 1 else None
+        if down is not None:
+            skip_widths.append(ch)
+        levels.append(Level(res, attn, down))
+    return levels, skip_widths
+
+
+def run_down(levels: nn.ModuleList, h: torch.Tensor, time_emb: torch.Tensor,
+             context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`down_levels`' forward from `conv_in`'s output `h`: (the deepest features, every skip in saving order)."""
+    skips = [h]
+    for level in levels:
+        for i, res in enumerate(level.res):
+            h = res(h, time_emb)
+            if level.attn:
+                h = level.attn[i](h, context)
+            skips.append(h)
+        if level.resample is not None:
+            h = level.resample(h)
+            skips.append(h)
+    return h, skips
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
         groups, tdim = cfg.norm_groups, cfg.time_embed_dim
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        last = len(widths) - 1
 
         self.time_embed = TimestepMLP(cfg.channels, tdim, cfg.time_cond_proj_dim)
         self.conv_in = Conv2d(cfg.in_channels, cfg.channels, 3, padding=1)
 
         # Way down: remember each block's output width; the way up consumes them in reverse.
-        skip_widths, ch = [cfg.channels], cfg.channels
-        self.down = nn.ModuleList()
-        for i, width in enumerate(widths):
-            res, attn = [], []
-            for _ in range(cfg.num_res_blocks):
-                res.append(ResBlock(ch, width, groups, 1e-5, tdim))
-                ch = width
-                if i in cfg.attention_levels:
-                    attn.append(SpatialTransformer(ch, cfg))
-                skip_widths.append(ch)
-            down = Downsample(ch) if i < last else None
-            if down is not None:
-                skip_widths.append(ch)
-            self.down.append(Level(res, attn, down))
-
+        self.down, skip_widths = down_levels(cfg)
+        ch = skip_widths[-1]
         self.mid = MidBlock(ch, cfg)
 
         # Way up: levels run deepest first; each has one more ResBlock than on the way down.
@@ -220,18 +243,7 @@ class UNet(nn.Module):
         t = batch_timesteps(t, x.shape[0], x.device)
         time_emb = self.time_embed(timestep_embedding(t, self.cfg.channels).to(x.dtype), timestep_cond)
 
-        h = self.conv_in(x)
-        skips = [h]
-        for level in self.down:
-            for i, res in enumerate(level.res):
-                h = res(h, time_emb)
-                if level.attn:
-                    h = level.attn[i](h, context)
-                skips.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
-                skips.append(h)
-
+        h, skips = run_down(self.down, self.conv_in(x), time_emb, context)
         h = self.mid(h, time_emb, context)
         if residuals is not None:
             skips, h = _add_residuals(skips, h, residuals)
