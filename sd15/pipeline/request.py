@@ -29,6 +29,7 @@ from . import validation
 from .hires import Hires
 from .hires import check as hires_check
 from .hires import describe as describe_hires
+from .control import Control, check_controls
 from .images import Pixels
 from .masks import Inpaint
 from .infotext import format_infotext, parse_infotext
@@ -83,6 +84,7 @@ class Request:
     noise_seed_delta: int = 0           # A1111's ENSD: sampler noise from seed + delta (a1111 mode)
     hires: Hires | None = None          # txt2img: A1111's hires fix, a second pass over the upscaled first
     inpaint: Inpaint | None = None      # img2img: repaint where the mask is white (a mask, or Inpaint(mask, ...))
+    control: tuple[Control, ...] = ()   # ControlNets, their residuals summed (see sd15.pipeline.control)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -134,6 +136,7 @@ class Request:
         if self.inpaint is not None and self.init_image is None:
             raise ValueError("inpainting repaints part of an image: give the image (init_image; CLI --init-image) "
                              "with the mask")
+        set_("control", check_controls(self.control))
         set_("hires", Hires.of(self.hires))
         if self.hires is not None:
             if self.init_image is not None:

@@ -39,7 +39,7 @@ from ..sampling import (GeneratorNoise, ModelCall, NoiseSource, Plan, guided, hi
 from ..sampling.consistency import embedded_guidance
 from ..sampling.guidance import guided_by_step, stack_padded
 from ..sampling.seeds import A1111Noise
-from . import hires, validation, vae_io
+from . import control, hires, validation, vae_io
 from .masks import a1111_fill
 from .masks import paste_back as masks_paste_back
 from .images import pil_to_tensor, tensor_to_pil
@@ -228,14 +228,22 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
             progress: Progress | None = None) -> torch.Tensor:
     """The sampler over the guided UNet; `progress(step, total, latents)` after each step."""
     scale = run.request.guidance_scale
+    controls = run.request.control
     if models.unet.cfg.time_cond_proj_dim:
+        if controls:
+            raise ValueError("ControlNet with an LCM-distilled UNet is not supported")
         model = lcm_distilled(models, run, cond)
     elif cond.simple:        # one text per image, no schedule: the batched path diffusers' parity is held to
         texts, untexts = cond.at(0)
-        model = guided(models.unet, stack_padded([parts[0][1] for parts in texts]),
-                       None if untexts is None else stack_padded(untexts), scale)
+        c = stack_padded([parts[0][1] for parts in texts])
+        u = None if untexts is None else stack_padded(untexts)
+        unet, set_step = with_controls(models, run, controls, _conditional_rows(c, u))
+        model = guided(unet, c, u, scale)
     else:
-        model = guided_by_step(models.unet, cond.at, scale)
+        unet, set_step = with_controls(models, run, controls, None)
+        model = guided_by_step(unet, cond.at, scale)
+    if controls:
+        model = _telling_step(model, set_step)
     if start.concat is not None:
         model = with_image_conditioning(model, start.concat)
     after_step = None
@@ -247,6 +255,36 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
         if progress is not None:
             progress(i, run.plan.num_steps, x)
     return x
+
+
+def with_controls(models: Models, run: Run, controls, conditional):
+    """The UNet callable guidance drives, with the request's ControlNets (if any) adding their residuals."""
+    if not controls:
+        return models.unet, None
+    f = models.vae.cfg.downscale
+    size = (run.latent_shape[3] * f, run.latent_shape[2] * f)
+    return control.controlled(models.unet, controls, size, models.vae.cfg.latent_channels, conditional)
+
+
+def _conditional_rows(cond: torch.Tensor, uncond: torch.Tensor | None):
+    """Which rows of a UNet call made by `guided` over these texts are conditional (ControlNet guess mode)."""
+    def rows(context: torch.Tensor, n: int):
+        if context is cond:
+            return slice(None)
+        if context is uncond:
+            return slice(0, 0)
+        if uncond is not None and n == 2 * len(cond) and torch.equal(context[len(cond):], cond):
+            return slice(len(cond), None)      # one batch [uncond; cond], diffusers' order
+        return None
+    return rows
+
+
+def _telling_step(model, set_step):
+    """The model, telling the ControlNet wrapper which step each evaluation belongs to."""
+    def stepped(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
+        set_step(call.step, call.steps)
+        return model(x, call)
+    return stepped
 
 
 def with_image_conditioning(model, concat: torch.Tensor):
