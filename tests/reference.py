@@ -27,7 +27,7 @@ from sd15.files.remap import remap
 
 __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
            "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
-           "engine_models", "component", "rel_err", "pixel_stats", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
+           "engine_models", "component", "rel_err", "pixel_stats", "toy_eps", "recording", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
 
 
 FULL = Configs()                                  # sd15.models.loading's: the configs sd15.load builds with
@@ -66,3 +66,20 @@ def pixel_stats(ours, ref) -> tuple[float, int, float]:
     diff = np.abs(a - b)
     mse = float(np.mean(diff.astype(np.float64) ** 2))
     return float(np.mean(diff == 0)), int(diff.max()), float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def toy_eps(x, t):
+    """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
+
+
+def recording(model, log):
+    """A (x, t) model as both sides call it: ours with a ModelCall, a reference loop with t; logs (x, t)."""
+    from sd15.sampling import ModelCall
+
+    def eps_model(x, t):
+        t = t.t if isinstance(t, ModelCall) else t
+        log.append((x.clone(), float(t)))
+        return model(x, t)
+    return eps_model

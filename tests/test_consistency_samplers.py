@@ -17,12 +17,13 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import \
     LatentConsistencyModelPipeline
 
-from reference import SD15_SCHEDULER, TINY, diffusers_unet_config, engine_models, reference_models, rel_err
+from reference import (SD15_SCHEDULER, TINY, diffusers_unet_config, engine_models, recording, reference_models,
+                       rel_err, toy_eps)
 from sd15.files.errors import CheckpointError
 from sd15.models.demo import PREFIX, TINY_UNET, random_state_dict, tiny_metadata
 from sd15.models.loading import load_models
 from sd15.models.unet import UNet, guidance_embedding
-from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, make_plan, resolve_sampler, sample
+from sd15.sampling import SAMPLERS, GeneratorNoise, make_plan, resolve_sampler, sample
 from sd15.sampling.denoiser import Denoiser
 from sd15.sampling.plan import NoNoise
 from sd15.sampling.consistency import boundary_scalings, embedded_guidance, tcd_timestep
@@ -36,20 +37,6 @@ CLASSES = {"lcm": "LCMScheduler", "tcd": "TCDScheduler"}
 
 def scheduler(name):
     return getattr(diffusers, CLASSES[name]).from_config(DDIMScheduler(**SD15_SCHEDULER).config)
-
-
-def toy_eps(x, t):
-    """A deterministic stand-in for the UNet, depending on the input and on t."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
-
-
-def recording(log):
-    def eps_model(x, t):
-        t = t.t if isinstance(t, ModelCall) else t
-        log.append((x.clone(), float(t)))
-        return toy_eps(x, t)
-    return eps_model
 
 
 def reference_loop(name, steps, model, noise, generator, x0=None, strength=1.0, eta=None):
@@ -78,9 +65,9 @@ def run_both(name, steps, strength=1.0, eta=None, seed=0):
         noise = torch.randn(SHAPE, generator=g)
         if side == 0:
             plan = make_plan(resolve_sampler(name), steps, strength, {} if eta is None else {"eta": eta})
-            xs = list(sample(plan, recording(log), noise, x0=x0, source=GeneratorNoise(g)))
+            xs = list(sample(plan, recording(toy_eps, log), noise, x0=x0, source=GeneratorNoise(g)))
         else:
-            xs = reference_loop(name, steps, recording(log), noise, g, x0, strength, eta)
+            xs = reference_loop(name, steps, recording(toy_eps, log), noise, g, x0, strength, eta)
         results.append((xs, torch.randn(1, generator=g)))
     return results, logs
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from reference import SD15_SCHEDULER, rel_err
-from sd15.sampling import SAMPLERS, ModelCall, make_plan, noised, resolve_sampler, sample
+from reference import SD15_SCHEDULER, recording, rel_err, toy_eps
+from sd15.sampling import SAMPLERS, make_plan, noised, resolve_sampler, sample
 from sd15.sampling import multistep
 from sd15.sampling.multistep import _deis_coefficients, _short_schedule
 
@@ -49,21 +49,6 @@ CASES = {
 }
 GRIDS = ["plms", "unipc", "unipc_bh2", "unipc_bh2_karras", "unipc_bh2_exponential", "deis", "deis_karras",
          "deis_exponential"]
-
-
-def toy_eps(x, t):
-    """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
-
-
-def recording(model, log):
-    """A (x, t) model as both sides call it: ours with a ModelCall, the reference loops with t."""
-    def eps_model(x, t):
-        t = t.t if isinstance(t, ModelCall) else t
-        log.append((x.clone(), float(t)))
-        return model(x, t)
-    return eps_model
 
 
 def reference_scheduler(case):

@@ -21,8 +21,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from reference import SD15_SCHEDULER, rel_err
-from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, make_plan, resolve_sampler, sample
+from reference import SD15_SCHEDULER, recording, rel_err, toy_eps
+from sd15.sampling import SAMPLERS, GeneratorNoise, make_plan, resolve_sampler, sample
 from sd15.sampling.ode_samplers import lms_coefficients
 from sd15.sampling.samplers import ancestral_step
 from sd15.sampling.schedule import ScheduleConfig, sigma_table, timestep_at
@@ -38,21 +38,6 @@ DIFFUSERS = {"heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler", "dp
              "dpm_2_a": "KDPM2AncestralDiscreteScheduler"}
 SCHEDULES = {"uniform": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
 ODE = ["heun", "lms", "dpm_2", "dpm_2_a", "dpmpp_2s_a"]
-
-
-def toy_eps(x, t):
-    """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
-
-
-def recording(model, log):
-    """A (x, t) model as both sides call it: ours with a ModelCall, the reference loop with t."""
-    def eps_model(x, t):
-        t = t.t if isinstance(t, ModelCall) else t
-        log.append((x.clone(), float(t)))
-        return model(x, t)
-    return eps_model
 
 
 def reference_scheduler(name, schedule):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from reference import SCHEDULERS, SD15_SCHEDULER, reference_scheduler, rel_err
-from sd15.sampling import SAMPLERS, GeneratorNoise, ModelCall, denoise, make_plan, noised, resolve_sampler, sample
+from reference import SCHEDULERS, SD15_SCHEDULER, recording, reference_scheduler, rel_err, toy_eps
+from sd15.sampling import SAMPLERS, GeneratorNoise, denoise, make_plan, noised, resolve_sampler, sample
 from sd15.sampling.denoiser import Denoiser
 from sd15.sampling.schedule import ScheduleConfig, alphas_cumprod
 
@@ -26,21 +26,6 @@ SHAPE = (2, 4, 8, 8)
 REFERENCE = SCHEDULERS
 SD15 = SD15_SCHEDULER
 VP = ("ddim", "ddpm")  # schedulers without a sigmas table of their own
-
-
-def toy_eps(x, t):
-    """Deterministic stand-in for a UNet: depends on the input and on t (float, or a diffusers 0-d tensor)."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
-
-
-def recording(model, log):
-    """A (x, t) model as both sides call it: ours with a ModelCall, the reference loop with t."""
-    def eps_model(x, t):
-        t = t.t if isinstance(t, ModelCall) else t
-        log.append((x.clone(), float(t)))
-        return model(x, t)
-    return eps_model
 
 
 def ours_model(model):

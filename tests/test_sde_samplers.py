@@ -19,8 +19,8 @@ from diffusers import DDIMScheduler, DPMSolverSDEScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
 import sd15.sampling.sde_samplers as sde
-from reference import SD15_SCHEDULER, rel_err
-from sd15.sampling import GeneratorNoise, ModelCall, ScheduleConfig, make_plan, resolve_sampler, sample
+from reference import SD15_SCHEDULER, recording, rel_err, toy_eps
+from sd15.sampling import GeneratorNoise, ScheduleConfig, make_plan, resolve_sampler, sample
 from sd15.sampling.brownian import brownian_noise
 from sd15.sampling.denoiser import Denoiser
 from sd15.sampling.plan import NoNoise, Plan, _drive
@@ -33,19 +33,6 @@ SHAPE = (2, 4, 8, 8)
 SDE = ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde")
 DIFFUSERS_SDE_CONFIG = {"uniform": {}, "karras": {"use_karras_sigmas": True},
                         "exponential": {"use_exponential_sigmas": True}}
-
-
-def toy_eps(x, t):
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return 0.1 * x + torch.sin(t / 100) + 0.05 * torch.cos(3 * x)
-
-
-def recording(log):
-    def eps_model(x, t):
-        t = t.t if isinstance(t, ModelCall) else t
-        log.append((x.clone(), float(t)))
-        return toy_eps(x, t)
-    return eps_model
 
 
 # ---- DPM++ SDE against DPMSolverSDEScheduler --------------------------------------------------------------
@@ -85,9 +72,9 @@ def run_dpmpp_sde(schedule, steps, strength=None, seed=7, ref_seed=None):
         noise = torch.randn(SHAPE, generator=g)
         if side == "ours":
             plan = make_plan(resolve_sampler("dpmpp_sde", schedule), steps, strength=strength or 1.0)
-            xs = list(sample(plan, recording(log), noise, x0=x0, source=GeneratorNoise(g)))
+            xs = list(sample(plan, recording(toy_eps, log), noise, x0=x0, source=GeneratorNoise(g)))
         else:
-            xs = sde_reference_loop(schedule, steps, recording(log), noise, seed if ref_seed is None else ref_seed,
+            xs = sde_reference_loop(schedule, steps, recording(toy_eps, log), noise, seed if ref_seed is None else ref_seed,
                                     x0, strength or 1.0)
         results.append((xs, torch.randn(1, generator=g)))
     return results, logs
@@ -163,7 +150,7 @@ def test_nfe_counts_real_calls(name, steps, strength):
     plan = make_plan(spec, steps, strength=strength)
     calls = []
     x0 = None if strength == 1 else torch.zeros(SHAPE)
-    list(sample(plan, recording(calls), torch.randn(SHAPE), x0=x0, source=GeneratorNoise.seeded(0)))
+    list(sample(plan, recording(toy_eps, calls), torch.randn(SHAPE), x0=x0, source=GeneratorNoise.seeded(0)))
     assert len(calls) == spec.nfe(plan.num_steps)
     assert spec.nfe(steps) == (2 * steps - 1 if name == "dpmpp_sde" else steps)
     assert not spec.deterministic
