@@ -22,7 +22,8 @@ _EXPORTS = {
     "VAEConfig": "sd15.models.config", "TextEncoderConfig": "sd15.models.config",
     "SAMPLERS": "sd15.sampling.registry", "resolve_sampler": "sd15.sampling.registry",
     "SCHEDULE_TYPES": "sd15.sampling.schedule_types", "Hires": "sd15.pipeline.hires",
-    "Inpaint": "sd15.pipeline.masks",
+    "Inpaint": "sd15.pipeline.masks", "Control": "sd15.pipeline.control",
+    "load_controlnet": "sd15.pipeline.control", "ControlNetFile": "sd15.pipeline.control",
 }
 __all__ = list(_EXPORTS)
 

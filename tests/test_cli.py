@@ -36,7 +36,9 @@ OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo"
            "--seed-mode", "--subseed", "--subseed-strength", "--seed-resize-from", "--noise-seed-delta",
            "--hires", "--hr-scale", "--hr-resize", "--hr-upscaler", "--hr-steps", "--hr-denoising-strength",
            "--hr-sampler", "--hr-prompt", "--hr-negative-prompt", "--mask", "--mask-blur", "--invert-mask",
-           "--masked-content", "--inpaint-blend", "--inpaint-only-masked", "--mask-padding", "--outpaint"]
+           "--masked-content", "--inpaint-blend", "--inpaint-only-masked", "--mask-padding", "--outpaint",
+           "--controlnet", "--control-image", "--control-strength", "--control-start", "--control-end",
+           "--control-mode", "--control-preprocess", "--control-resize"]
 
 
 @pytest.fixture(scope="module")

@@ -23,20 +23,13 @@ from sd15.files.controlnet import read_controlnet
 from sd15.files.remap import invert_map
 from sd15.models.config import ControlNetConfig, UNetConfig
 from sd15.models.controlnet import ControlNet
-from sd15.models.demo import TINY_UNET, random_state_dict, random_tensor
+from sd15.models.demo import TINY_CONTROLNET as CFG
+from sd15.models.demo import TINY_UNET, random_controlnet_state, random_state_dict
 from sd15.models.keymap import controlnet_key_map, unet_key_map
 from sd15.models.loading import controlnet_config_from_shapes, load_controlnet
 
 TOL = 1e-5
-CFG = ControlNetConfig(unet=TINY_UNET, hint_widths=(8, 8, 16, 16))
 B, H, W = 2, 8, 8
-
-
-def random_controlnet_state(cfg: ControlNetConfig = CFG, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Original-layout, unprefixed (pruned-file) tensors; the zero convs random too, so parity means something."""
-    gen = torch.Generator().manual_seed(seed)
-    engine = {k: random_tensor(k, tuple(v.shape), gen) for k, v in ControlNet(cfg).state_dict().items()}
-    return {k: t.contiguous() for k, t in invert_map(controlnet_key_map(cfg), engine).items()}
 
 
 def diffusers_controlnet_config(cfg: ControlNetConfig) -> dict:

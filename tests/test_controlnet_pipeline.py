@@ -216,7 +216,8 @@ def test_inpainting_unet_gives_the_controlnet_the_latents_only(tiny_state_dict, 
 
 
 def test_prompt_editing_path_runs_control_on_every_row(ours, nets, monkeypatch):
-    """guided_by_step (prompt editing): the ControlNet sees each UNet call's rows; guess mode is refused there."""
+    """guided_by_step (prompt editing): the ControlNet sees each UNet call's rows; in guess mode the
+    conditional ones only (guidance says which they are)."""
     mine, _ = nets[0]
     seen = _spy(monkeypatch, mine)
     request = dict(negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=4, sampler="euler", seed=3)
@@ -225,9 +226,9 @@ def test_prompt_editing_path_runs_control_on_every_row(ours, nets, monkeypatch):
                   lambda i, n, x: steps.append(x))
     assert len(steps) == 4 and len(seen) == 2          # steps 0 and 1 of 4 (end 0.5)
     assert all(s[0][0] == s[1][0] == s[2][0] for s in seen)
-    with pytest.raises(ValueError, match="guess mode"):
-        ours.generate(Request("a [cat:dog:0.5]", control=(Control(mine, control_image(0), guess_mode=True),),
-                              **request))
+    seen.clear()
+    ours.generate(Request("a [cat:dog:0.5]", control=(Control(mine, control_image(0), guess_mode=True),), **request))
+    assert [s[0][0] for s in seen] == [1] * 4 and [s[1][0] for s in seen] == [1] * 4
 
 
 def test_guess_mode_at_guidance_one_runs_on_all_rows(ours, nets, monkeypatch):

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..pipeline import png
+from . import control as control_args
 from ..pipeline.stages import ti_name
 from ..pipeline.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
                                 SEED_MODES, Request)
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extend the init image by these many pixels left, right, top, bottom and paint them")
     p.add_argument("--inpaint-blend", choices=BLENDS,
                    help="inpaint, ordinary checkpoints: diffusers' latent blend (default) or A1111's x0 blend")
+    control_args.add_arguments(p)
     p.add_argument("--hires", action="store_true",
                    help="txt2img: A1111's hires fix, a second img2img pass over the upscaled image (implied by any "
                         "--hr- option)")
@@ -190,6 +192,8 @@ def build_request(args):
             or args.invert_mask or args.inpaint_only_masked:
         raise ValueError("--mask-blur, --invert-mask, --masked-content, --inpaint-blend, --inpaint-only-masked and "
                          "--mask-padding set up inpainting: give the mask (--mask FILE) and the image (--init-image)")
+    if args.controlnet:          # the ControlNets load with the models; their place in the request is taken
+        given["control"] = ()
     alone = None if args.sampler is not None else args.schedule_type      # --schedule-type without --sampler
     if args.from_png is None:
         request = Request(**given)
@@ -408,6 +412,7 @@ def run(args) -> list[Path]:
     from tqdm import tqdm
 
     request, back = build_request(args)
+    units = control_args.units(args)
     check_files(args)
     request = request.with_seed()
     paths = output_paths(args.out, request.all_seeds)
@@ -416,6 +421,8 @@ def run(args) -> list[Path]:
         pipe = load_pipeline(args, Path(tmp))
         if back is not None and not args.demo:
             warn_about_model(back, pipe)
+        if units:
+            request = dataclasses.replace(request, control=tuple(unit.control(pipe) for unit in units))
         if args.compile:
             if pipe.device.type == "cpu":
                 log.warning("--compile on CPU: the eager fast path measured faster; compiling anyway")

@@ -7,8 +7,9 @@ Layouts in the wild (reference notes, ControlNet section 2.2):
 - pruned / fp16 `.safetensors` (`extract_controlnet.py`): the same keys with no prefix.
 
 Read through the safe readers (no pickle code ever runs). Other kinds are named and refused: SD 2.x and
-SDXL ControlNets, T2I-Adapters, control-LoRAs, "difference" ControlNets, diffusers-format files, and plain
-SD checkpoints. Key names inside the control model are checked by `remap` when it is built.
+SDXL ControlNets, T2I-Adapters, control-LoRAs, diffusers-format files, and plain SD checkpoints.
+A "difference" file (a `difference` key; control_model.* holds control minus SD 1.5) is read as the
+others and marked: its loader adds the controlled UNet's weights. Key names inside the control model are checked by `remap` when it is built.
 """
 
 import os
@@ -32,6 +33,7 @@ class ControlNetState:
     tensors: dict       # keys as in cldm.py's ControlNet: 'input_hint_block.0.weight', 'zero_convs.3.0.bias', ...
     quirks: list        # human-readable notes on what was found and normalised
     format: str = ""    # "safetensors" | "torch-zip" | "torch-legacy"
+    difference: bool = False   # the encoder tensors are deltas against the SD 1.5 UNet (Mikubill's extract_controlnet_diff)
     metadata: dict = field(default_factory=dict)
 
 
@@ -45,9 +47,6 @@ def _refusal(state: Mapping[str, object], shapes: Mapping[str, tuple[int, ...]])
     if "lora_controlnet" in state or has("lora_controlnet"):
         return ("is a Control-LoRA (stabilityai/control-lora, an SDXL ControlNet stored as LoRA deltas on the base "
                 "UNet); this engine runs SD 1.x ControlNets only")
-    if "difference" in state:
-        return ("is a 'difference' ControlNet (control_model.* holds control minus SD 1.5 weights, to be added to a "
-                "base UNet); not supported: use the full or pruned ControlNet file")
     if has("label_emb.") or has("add_embedding.") or 2048 in _contexts(shapes):
         return "is an SDXL ControlNet; this engine runs SD 1.x ControlNets only"
     if 1024 in _contexts(shapes) or any(k.endswith(".proj_in.weight") and len(s) == 2 for k, s in shapes.items()):
@@ -72,6 +71,10 @@ def controlnet_from_state(name: str, fmt: str, state: Mapping[str, object], quir
     why = _refusal(state, _shapes(state))
     if why:
         raise CheckpointError(f"{name}: {why}")
+    difference = "difference" in state
+    if difference:
+        state = {k: v for k, v in state.items() if k != "difference"}
+        quirks.append("a 'difference' ControlNet: its encoder holds deltas, added to the controlled UNet's weights")
     if any(k.startswith(CONTROL) for k in state):
         bundled = [k for k in state if k.startswith(SD_PARTS)]
         rest = [k for k in state if not k.startswith(CONTROL) and not k.startswith(SD_PARTS) and not _is_ignored(k)]
@@ -94,7 +97,7 @@ def controlnet_from_state(name: str, fmt: str, state: Mapping[str, object], quir
     bad = [k for k, t in control.items() if not isinstance(t, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{name}: ControlNet entries that are not tensors: {_sample(bad)}")
-    return ControlNetState(control, quirks, fmt)
+    return ControlNetState(control, quirks, fmt, difference=difference)
 
 
 def read_controlnet(path: str | os.PathLike[str]) -> ControlNetState:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..files.remap import invert_map
-from .config import TextEncoderConfig, UNetConfig, VAEConfig
-from .keymap import text_key_map, unet_key_map, vae_key_map, vae_transforms
+from .config import ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .controlnet import ControlNet
+from .keymap import controlnet_key_map, text_key_map, unet_key_map, vae_key_map, vae_transforms
 from .loading import Configs, configs_to_metadata
 from .text_encoder import TextEncoder
 from .unet import UNet
@@ -30,6 +31,7 @@ TINY_UNET = UNetConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, at
 TINY_VAE = VAEConfig(channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
 TINY_TEXT = TextEncoderConfig(width=32, num_layers=2, num_heads=4)
 TINY = Configs(TINY_UNET, TINY_VAE, TINY_TEXT)
+TINY_CONTROLNET = ControlNetConfig(unet=TINY_UNET, hint_widths=(8, 8, 16, 16))
 
 
 def tiny_metadata() -> dict[str, str]:
@@ -65,4 +67,19 @@ def write_demo_checkpoint(path: Path, seed: int = 0) -> Path:
     """The tiny random checkpoint as a .safetensors file with its configs recorded."""
     from safetensors.torch import save_file
     save_file(random_state_dict(seed=seed), str(path), metadata=tiny_metadata())
+    return path
+
+
+def random_controlnet_state(cfg: ControlNetConfig = TINY_CONTROLNET, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A ControlNet's original-layout tensors, unprefixed (as pruned files are); its zero convs are random too,
+    so that it changes what the UNet does."""
+    gen = torch.Generator().manual_seed(seed)
+    engine = {k: random_tensor(k, tuple(v.shape), gen) for k, v in ControlNet(cfg).state_dict().items()}
+    return {k: t.contiguous() for k, t in invert_map(controlnet_key_map(cfg), engine).items()}
+
+
+def write_demo_controlnet(path: Path, seed: int = 1) -> Path:
+    """A tiny random ControlNet for the demo checkpoint, as a pruned .safetensors file."""
+    from safetensors.torch import save_file
+    save_file(random_controlnet_state(seed=seed), str(path))
     return path

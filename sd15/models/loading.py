@@ -219,6 +219,22 @@ def load_models(path: str | Path, *, vae: str | Path | None = None, device: str 
 
 # ---- ControlNets ---------------------------------------------------------------------------------------
 
+def _added_to_unet(path: Path, tensors: dict, unet: UNet) -> dict:
+    """A difference file's tensors plus the UNet's under the same original names (every key the UNet has:
+    its encoder copy; the hint network and zero convs are the ControlNet's own), summed in float32."""
+    names, ours = unet_key_map(unet.cfg), unet.state_dict()
+    out = {}
+    for key, t in tensors.items():
+        if key in names:
+            base = ours[names[key]]
+            if tuple(base.shape) != tuple(t.shape):
+                raise CheckpointError(f"{path}: difference tensor {key} has shape {tuple(t.shape)}, the UNet's "
+                                      f"{tuple(base.shape)}: it was not made against this kind of UNet")
+            t = t.float() + base.detach().float().cpu()
+        out[key] = t
+    return out
+
+
 def controlnet_config_from_shapes(shapes: Shapes, base: UNetConfig = UNetConfig()) -> ControlNetConfig:
     """The encoder copy's config as `unet_config_from_shapes` reads a UNet's (a ControlNet has no output head:
     the UNet it controls predicts as many channels as it takes), and the hint network's widths."""
@@ -231,16 +247,24 @@ def controlnet_config_from_shapes(shapes: Shapes, base: UNetConfig = UNetConfig(
                             hint_widths=widths)
 
 
-def load_controlnet(path: str | Path, *, unet: UNetConfig | None = None, device: str | torch.device | None = None,
+def load_controlnet(path: str | Path, *, unet: UNet | UNetConfig | None = None,
+                    device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> tuple[ControlNet, ControlNetState]:
     """Read an SD 1.x ControlNet file into a ControlNet (and what was found in the file).
 
-    `unet`: the config of the UNet it will control (default SD 1.5's); it supplies what shapes cannot tell
-    (head and group counts), and the ControlNet must fit it: each residual the width of the skip it joins."""
+    `unet`: the UNet it will control, or its config (default SD 1.5's); it supplies what shapes cannot tell
+    (head and group counts), and the ControlNet must fit it: each residual the width of the skip it joins.
+    A "difference" file needs the UNet itself: its encoder tensors are added to the UNet's."""
     path = Path(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     state = read_controlnet(path)
+    module, unet = (unet, unet.cfg) if isinstance(unet, UNet) else (None, unet)
+    if state.difference:
+        if module is None:
+            raise CheckpointError(f"{path}: a 'difference' ControlNet holds its weights minus SD 1.5's: load it "
+                                  "with the UNet it controls (sd15.load_controlnet(path, pipe))")
+        state.tensors = _added_to_unet(path, state.tensors, module)
     base = unet if unet is not None else UNetConfig()
     try:
         try:

@@ -164,10 +164,23 @@ def second_pass_request(request: Request, factor: int = 8) -> Request:
         changes["prompt"] = h.prompt if isinstance(request.prompt, str) else (h.prompt,) * len(request.prompts)
     if h.negative_prompt is not None:
         changes["negative_prompt"] = h.negative_prompt
+    if request.control:
+        changes["control"] = tuple(soft_in_hires(c) for c in request.control)
     if h.sampler is not None and h.sampler != request.sampler:   # keep the options the hires sampler has too
         declared = {o.name for o in resolve_sampler(h.sampler).options}
         changes["sampler_options"] = {k: v for k, v in request.sampler_options.items() if k in declared}
     return dataclasses.replace(request, **changes)
+
+
+# A1111's ControlNet extension: edge maps this thin would draw artefacts into the larger image at full
+# strength, so the second pass of a hires fix runs these with the soft (prompt-first) scales.
+SOFT_IN_HIRES = ("canny", "mlsd")
+
+
+def soft_in_hires(control):
+    if control.mode == "balanced" and not control.guess_mode and control.preprocess in SOFT_IN_HIRES:
+        return dataclasses.replace(control, mode="prompt")
+    return control
 
 
 def upscale_latents(latents: torch.Tensor, t: Target, upscaler: str) -> torch.Tensor:

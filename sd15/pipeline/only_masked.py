@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .images import tensor_to_pil
@@ -113,8 +114,23 @@ def inner_request(request: Request) -> tuple[Request, Paste]:
     inner = dataclasses.replace(
         request, init_image=resize_fill(original.crop(box), width, height), width=width, height=height,
         inpaint=dataclasses.replace(inpaint, mask=resize_fill(blurred.crop(box), width, height), blur=0.0,
-                                    invert=False, only_masked=False, paste_back=False))
+                                    invert=False, only_masked=False, paste_back=False),
+        control=tuple(_cropped_control(c, box, original.size, width, height) for c in request.control))
     return inner, Paste(original, blurred, box)
+
+
+def _cropped_control(control, box, size, width: int, height: int):
+    """A control image drawn for the whole picture, cut to the crop as the init image is (one without its own
+    image follows the init image already)."""
+    image = control.image
+    if image is None:
+        return control
+    if isinstance(image, torch.Tensor):
+        image = tensor_to_pil(image * 2 - 1)[0]
+    else:
+        image = image.source if image.source is not None else tensor_to_pil(image.tensor[:1])[0]
+    image = image.convert("RGB").resize(size, Image.LANCZOS) if image.size != size else image.convert("RGB")
+    return dataclasses.replace(control, image=resize_fill(image.crop(box), width, height))
 
 
 def paste(images: list[Image.Image], where: Paste, paste_back: bool = True) -> list[Image.Image]:

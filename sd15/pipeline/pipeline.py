@@ -124,7 +124,7 @@ class Pipeline:
                 sampler: str = DEFAULT_SAMPLER, seed: int | None = None, width: int | None = None,
                 height: int | None = None, batch_size: int = 1, eta: float | None = None,
                 latents: torch.Tensor | None = None, clip_skip: int = 1, prompt_syntax: str = "a1111",
-                emphasis: str = "original", seed_mode: str = "diffusers", hires=None,
+                emphasis: str = "original", seed_mode: str = "diffusers", hires=None, control=(),
                 progress: Progress | None = None) -> list[Image.Image]:
         """Images from text (512x512 unless width and height are given). A list of prompts gives
         `batch_size` images for each prompt.
@@ -132,14 +132,15 @@ class Pipeline:
         `latents` replaces the seeded initial noise (shape [B, 4, height/8, width/8]). `eta`: the sampler's
         eta (DDIM's, 0 by default; the ancestral and SDE samplers', 1 by default); None keeps its default,
         and 0 is accepted by every sampler. clip_skip, prompt_syntax, emphasis, seed_mode, hires (a `Hires` or
-        a dict of its fields): see Request.
+        a dict of its fields), control (`Control`s: ControlNets): see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler,
                                      sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      latents=latents, clip_skip=clip_skip, prompt_syntax=prompt_syntax,
-                                     emphasis=emphasis, seed_mode=seed_mode, hires=hires), progress)
+                                     emphasis=emphasis, seed_mode=seed_mode, hires=hires, control=control),
+                             progress)
 
     def img2img(self, image, prompt: str | list[str], *, strength: float | None = None,
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
@@ -147,20 +148,21 @@ class Pipeline:
                 seed: int | None = None, batch_size: int = 1, eta: float | None = None,
                 width: int | None = None, height: int | None = None, clip_skip: int = 1,
                 prompt_syntax: str = "a1111", emphasis: str = "original", seed_mode: str = "diffusers",
-                progress: Progress | None = None) -> list[Image.Image]:
+                control=(), progress: Progress | None = None) -> list[Image.Image]:
         """Re-draw `image` (PIL image, path, or [B,3,H,W] tensor in [0, 1]) guided by `prompt`.
 
         Any PIL mode is converted to RGB; sides that are not multiples of 8 are resized down to the
         nearest multiple with Lanczos, as diffusers does (or to width x height when given, as A1111's
         "Just resize"). The last int(steps·strength) steps run; strength defaults to 0.75.
-        clip_skip, prompt_syntax, emphasis, seed_mode: see Request.
+        clip_skip, prompt_syntax, emphasis, seed_mode, control: see Request.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler,
                                      sampler_options={} if eta is None else {"eta": eta},
                                      guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
                                      init_image=image, strength=strength, clip_skip=clip_skip,
-                                     prompt_syntax=prompt_syntax, emphasis=emphasis, seed_mode=seed_mode), progress)
+                                     prompt_syntax=prompt_syntax, emphasis=emphasis, seed_mode=seed_mode,
+                                     control=control), progress)
 
     def inpaint(self, image, mask, prompt: str | list[str], *, strength: float = 1.0, mask_blur: float = 4,
                 invert: bool = False, fill: str = "original", blend: str = "diffusers", mask_weight: float = 1.0,
@@ -168,7 +170,7 @@ class Pipeline:
                 negative_prompt: str | list[str] = "", steps: int = DEFAULT_STEPS,
                 guidance_scale: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, seed: int | None = None,
                 batch_size: int = 1, width: int | None = None, height: int | None = None,
-                seed_mode: str = "diffusers", progress: Progress | None = None) -> list[Image.Image]:
+                seed_mode: str = "diffusers", control=(), progress: Progress | None = None) -> list[Image.Image]:
         """Repaint `image` where `mask` is white (any image: L, RGB, or RGBA's alpha), guided by `prompt`.
 
         An inpainting checkpoint (9 input channels) sees the mask and the masked image; an ordinary one is
@@ -176,6 +178,7 @@ class Pipeline:
         (the default) repaints from pure noise. Outside the (blurred) mask the result is the original image,
         pixel for pixel. mask_blur, invert, fill, mask_weight, only_masked, padding: A1111's inpaint settings
         (see Inpaint); with only_masked, width x height is the size the crop around the mask is painted at.
+        control: ControlNets (see Request); `Control(cn, preprocess="inpaint")` is the inpaint ControlNet's hint.
         """
         return self.generate(Request(prompt, negative_prompt=negative_prompt, width=width, height=height,
                                      steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed,
@@ -184,7 +187,8 @@ class Pipeline:
                                                                           fill=fill, blend=blend,
                                                                           mask_weight=mask_weight,
                                                                           only_masked=only_masked,
-                                                                          padding=padding)), progress)
+                                                                          padding=padding),
+                                     control=control), progress)
 
     # ---- building blocks --------------------------------------------------------------------------
 

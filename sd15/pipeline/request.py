@@ -437,6 +437,18 @@ def _write_inpaint(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
             "Inpaint blend": "a1111" if p.blend == "a1111" else None}
 
 
+def _write_control(r: Request, i: int, m: ModelInfo) -> dict[str, object]:
+    return {f"ControlNet {k}": c.describe() for k, c in enumerate(r.control)}
+
+
+def _read_control(fields: dict[str, str], context: _ReadContext) -> dict[str, object]:
+    """A ControlNet needs its model and image, which no infotext holds: reported unless given (control=...)."""
+    found = {key: fields.pop(key) for key in [k for k in fields if k.startswith("ControlNet ")]}
+    if found and "control" not in context.overrides:
+        context.unsupported |= found
+    return {}
+
+
 INPAINT_KEYS = ("Mask blur", "Inpaint area", "Masked content", "Mask mode", "Conditional mask weight",
                 "Inpaint blend", "Masked area padding")
 
@@ -606,6 +618,7 @@ INFOTEXT: tuple[Codec, ...] = (
     Codec(lambda r, i, m: {"Emphasis": "None" if r.emphasis == "none" else None,
                            "Prompt syntax": "plain" if r.prompt_syntax == "plain" else None}, _read_syntax),
     Codec(lambda r, i, m: {"Loras": ", ".join(spec.text() for spec in r.loras) or None}, _read_loras),
+    Codec(_write_control, _read_control),
     Codec(lambda r, i, m: {}, _read_hashes),
     Codec(_write_options, _read_options),
     Codec(_write_batch, _read_batch),

@@ -42,7 +42,7 @@ from ..sampling.seeds import A1111Noise
 from . import control, hires, validation, vae_io
 from .masks import a1111_fill
 from .masks import paste_back as masks_paste_back
-from .images import pil_to_tensor, tensor_to_pil
+from .images import Pixels, pil_to_tensor, tensor_to_pil
 from .request import ModelInfo, Request
 
 if TYPE_CHECKING:
@@ -237,13 +237,9 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
         texts, untexts = cond.at(0)
         c = stack_padded([parts[0][1] for parts in texts])
         u = None if untexts is None else stack_padded(untexts)
-        unet, set_step = with_controls(models, run, controls, _conditional_rows(c, u))
-        model = guided(unet, c, u, scale)
+        model = guided(with_controls(models, run), c, u, scale)
     else:
-        unet, set_step = with_controls(models, run, controls, None)
-        model = guided_by_step(unet, cond.at, scale)
-    if controls:
-        model = _telling_step(model, set_step)
+        model = guided_by_step(with_controls(models, run), cond.at, scale)
     if start.concat is not None:
         model = with_image_conditioning(model, start.concat)
     after_step = None
@@ -257,34 +253,24 @@ def denoise(models: Models, run: Run, cond: Conditioning, start: Start,
     return x
 
 
-def with_controls(models: Models, run: Run, controls, conditional):
-    """The UNet callable guidance drives, with the request's ControlNets (if any) adding their residuals."""
-    if not controls:
-        return models.unet, None
+def with_controls(models: Models, run: Run):
+    """The UNet callable guidance drives, with the request's ControlNets (if any) adding their residuals;
+    their hints are made once per pass, at its size."""
+    r = run.request
+    if not r.control:
+        return models.unet
     f = models.vae.cfg.downscale
-    size = (run.latent_shape[3] * f, run.latent_shape[2] * f)
-    return control.controlled(models.unet, controls, size, models.vae.cfg.latent_channels, conditional)
-
-
-def _conditional_rows(cond: torch.Tensor, uncond: torch.Tensor | None):
-    """Which rows of a UNet call made by `guided` over these texts are conditional (ControlNet guess mode)."""
-    def rows(context: torch.Tensor, n: int):
-        if context is cond:
-            return slice(None)
-        if context is uncond:
-            return slice(0, 0)
-        if uncond is not None and n == 2 * len(cond) and torch.equal(context[len(cond):], cond):
-            return slice(len(cond), None)      # one batch [uncond; cond], diffusers' order
-        return None
-    return rows
-
-
-def _telling_step(model, set_step):
-    """The model, telling the ControlNet wrapper which step each evaluation belongs to."""
-    def stepped(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
-        set_step(call.step, call.steps)
-        return model(x, call)
-    return stepped
+    width, height = run.latent_shape[3] * f, run.latent_shape[2] * f
+    mask = None
+    if r.inpaint is not None:
+        mask = r.inpaint.processed(r.init_image.size).binary
+    init = r.init_image
+    if init is not None and init.size != (width, height):    # the hires pass: its own, larger size
+        init = Pixels.of(init, (width, height))
+    if mask is not None and tuple(mask.shape[-2:]) != (height, width):
+        mask = torch.nn.functional.interpolate(mask, size=(height, width))
+    hints = [c.hint(width, height, init, mask) for c in r.control]
+    return control.controlled(models.unet, r.control, hints, models.vae.cfg.latent_channels)
 
 
 def with_image_conditioning(model, concat: torch.Tensor):

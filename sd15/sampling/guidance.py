@@ -9,12 +9,18 @@ number would make a compiled UNet recompile for every step); `cond` / `uncond` a
 Of equal length they go through the UNet as one batch [uncond; cond], diffusers' order; of different
 lengths (a long prompt against a short negative) as two calls, which is A1111's default.
 
+A UNet wrapper that treats conditional and unconditional rows differently (a ControlNet in guess mode or
+A1111's "ControlNet is more important") is marked `row_aware`: guidance then also passes it
+`rows=Rows(conditional, call)`, which rows of this call carry a prompt and where in the schedule the call
+is. A plain UNet is called with (x, t, context) alone.
+
 The UNet runs in the dtype of the text states (the models' dtype); x, the guidance arithmetic and the
 returned ε stay in x's dtype, so a fp16 UNet can drive a float32 sampler: the difference of two
 nearly equal fp16 predictions, scaled by 7.5, is where half precision loses the most.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +28,26 @@ from ..models.unet import batch_timesteps
 from .denoiser import EpsModel, ModelCall
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, t [B], context) -> ε
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What the rows of one UNet call made by guidance are."""
+    conditional: torch.Tensor    # bool [B]: True for a row with a prompt's text, False for the negative's
+    call: ModelCall              # the evaluation this UNet call is part of (step, steps, σ)
+
+
+def row_aware(unet: UNetFn) -> UNetFn:
+    """Mark a UNet callable as taking `rows=Rows(...)` besides (x, t, context)."""
+    unet.row_aware = True
+    return unet
+
+
+def _run(unet: UNetFn, x: torch.Tensor, call: ModelCall, context: torch.Tensor, conditional: list[bool]):
+    t = batch_timesteps(call.t, len(x), x.device)
+    if getattr(unet, "row_aware", False):
+        return unet(x, t, context, rows=Rows(torch.tensor(conditional, dtype=torch.bool), call))
+    return unet(x, t, context)
 
 
 def guided(unet: UNetFn, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> EpsModel:
@@ -33,22 +59,22 @@ def guided(unet: UNetFn, cond: torch.Tensor, uncond: torch.Tensor | None, scale:
     if scale == 1:
         def conditional(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
             # copy=True: a compiled UNet (CUDA graphs) reuses its output buffer on the next call.
-            return unet(x.to(cond.dtype), batch_timesteps(call.t, len(x), x.device), cond).to(x.dtype, copy=True)
+            return _run(unet, x.to(cond.dtype), call, cond, [True] * len(x)).to(x.dtype, copy=True)
         return conditional
 
     if uncond.shape[1] != cond.shape[1]:
         def separate(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
-            xm, t = x.to(cond.dtype), batch_timesteps(call.t, len(x), x.device)
-            eps_cond = unet(xm, t, cond).to(x.dtype, copy=True)
-            eps_uncond = unet(xm, t, uncond).to(x.dtype)
+            xm = x.to(cond.dtype)
+            eps_cond = _run(unet, xm, call, cond, [True] * len(x)).to(x.dtype, copy=True)
+            eps_uncond = _run(unet, xm, call, uncond, [False] * len(x)).to(x.dtype)
             return eps_uncond + scale * (eps_cond - eps_uncond)
         return separate
 
     context = torch.cat([uncond, cond])  # diffusers' order: unconditional half first
 
     def batched(x: torch.Tensor, call: ModelCall) -> torch.Tensor:
-        eps = unet(torch.cat([x, x]).to(context.dtype), batch_timesteps(call.t, 2 * len(x), x.device),
-                   context).to(x.dtype)
+        eps = _run(unet, torch.cat([x, x]).to(context.dtype), call, context,
+                   [False] * len(x) + [True] * len(x)).to(x.dtype)
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + scale * (eps_cond - eps_uncond)
     return batched
@@ -79,16 +105,16 @@ def guided_by_step(unet: UNetFn, texts_at: Callable[[int], StepTexts], scale: fl
         dtype = cond_batch.dtype
         x_cond = x[owners].to(dtype)
         if uncond is None:
-            eps = unet(x_cond, batch_timesteps(call.t, len(owners), x.device), cond_batch).to(x.dtype)
+            eps = _run(unet, x_cond, call, cond_batch, [True] * len(owners)).to(x.dtype)
             return _weighted_sum(eps, owners, weights, len(x))
         uncond_batch = stack_padded(uncond)
         if uncond_batch.shape[1] == cond_batch.shape[1]:
-            both = unet(torch.cat([x.to(dtype), x_cond]), batch_timesteps(call.t, len(x) + len(owners), x.device),
-                        torch.cat([uncond_batch, cond_batch])).to(x.dtype)
+            both = _run(unet, torch.cat([x.to(dtype), x_cond]), call, torch.cat([uncond_batch, cond_batch]),
+                        [False] * len(x) + [True] * len(owners)).to(x.dtype)
             eps_uncond, eps_cond = both[:len(x)], both[len(x):]
         else:
-            eps_cond = unet(x_cond, batch_timesteps(call.t, len(owners), x.device), cond_batch).to(x.dtype, copy=True)
-            eps_uncond = unet(x.to(dtype), batch_timesteps(call.t, len(x), x.device), uncond_batch).to(x.dtype)
+            eps_cond = _run(unet, x_cond, call, cond_batch, [True] * len(owners)).to(x.dtype, copy=True)
+            eps_uncond = _run(unet, x.to(dtype), call, uncond_batch, [False] * len(x)).to(x.dtype)
         return eps_uncond + _weighted_sum(eps_cond - eps_uncond[owners], owners, [w * scale for w in weights], len(x))
     return model
 
