@@ -141,6 +141,35 @@ def test_residual_parity(tmp_path, state, reference, layout):
     assert max(errors) <= TOL, errors
 
 
+def test_full_size_sd15_controlnet_parity(tmp_path):
+    """A random SD 1.5-sized ControlNet (361 M parameters) in the v1.1 layout as a fp16 .safetensors, as the
+    ControlNet-v1-1 fp16 files are: all 13 residuals against diffusers' ControlNetModel with SD 1.5's config
+    (head dims 40/80/160, 768-wide text), at a 64x64 hint (8x8 latents), both in float32."""
+    full = ControlNetConfig()
+    config = diffusers_controlnet_config(full)
+    assert (config["block_out_channels"], config["cross_attention_dim"], config["attention_head_dim"],
+            config["layers_per_block"], config["conditioning_embedding_out_channels"]) == \
+        ((320, 640, 1280, 1280), 768, 8, 2, (16, 32, 96, 256))
+    sd = {k: t.half() for k, t in random_controlnet_state(full, seed=7).items()}
+    path = tmp_path / "control_v11p_sd15_random_fp16.safetensors"
+    save_file({"control_model." + k: t for k, t in sd.items()}, str(path))
+    del sd
+    net, _ = load_controlnet(path, device="cpu", dtype=torch.float32)
+    from safetensors.torch import load_file
+    reference = reference_controlnet({k: t.float() for k, t in load_file(str(path)).items()}, full)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g)
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        ours = net(x, 700.0, context, hint)
+        down, mid = reference(x, torch.tensor([700.0]), context, hint, return_dict=False)
+    assert len(ours.skips) == len(down) == 12
+    errors = [rel_err(o, r) for o, r in zip([*ours.skips, ours.mid], [*down, mid])]
+    print("\nfull-size per-residual rel err", " ".join(f"{e:.1e}" for e in errors))
+    assert all(r.abs().max() > 1e-3 for r in [*down, mid])
+    assert max(errors) <= TOL, errors
+
+
 def test_scalar_timestep_and_bad_hint_size(state):
     net = ControlNet(CFG)
     net.load_state_dict({v: state[k] for k, v in controlnet_key_map(CFG).items()})
