@@ -97,7 +97,7 @@ ERRORS = {
                             "canny:low=-5"], r"low"),
     "unknown preprocessor parameter": (["--controlnet", "A", "--control-image", "IMAGE", "--control-preprocess",
                                         "canny:sigma=2"], r"takes low, high"),
-    "bad resize": (["--controlnet", "A", "--control-image", "IMAGE", "--control-resize", "Resize and Fill"],
+    "bad resize": (["--controlnet", "A", "--control-image", "IMAGE", "--control-resize", "Stretch"],
                    r"resize_mode must be one of"),
 }
 

@@ -20,7 +20,9 @@ formula computed here; never our own output):
    preprocessors stay balanced (checked on what the UNet was given against what the ControlNet returned).
 7. "Only masked" inpainting: the ControlNet sees its control image cut to the crop the init image is cut to
    (diffusers' get_crop_region + its "fill" resize of A1111's resize mode 2 as the reference).
-8. Resize modes: "Crop and Resize" = centre crop to the aspect ratio, then Lanczos; "Just Resize" = Lanczos stretch.
+8. Resize modes, A1111's ControlNet geometry: "Crop and Resize" = scale by max(H/h, W/w) (sides rounded), then the
+   centre crop; "Resize and Fill" = scale by min(...), centred on a canvas of the median colour of the image's
+   border pixels; "Just Resize" = stretch. Lanczos throughout.
 
 Tiny models (sd15.models.demo), 64x64, CFG 7.5. Measured (torch 2.13, diffusers 0.42.1, one thread; `pytest -s`
 prints the figures), latents per step, max rel err: "prompt" mode 2.8e-6 / 3.8e-6 and "controlnet" mode 2.3e-6 /
@@ -30,9 +32,9 @@ prints the figures), latents per step, max rel err: "prompt" mode 2.8e-6 / 3.8e-
 9.8e-7 from the original full file (one float32 rounding of (c − u) + u); bounds 1e-6 and 3e-6. The hints
 (inpaint, only masked, resize modes) equal the references exactly.
 
-Not A1111's pixels: its ControlNet extension resizes a control map to cover first and crops after, with OpenCV's
-INTER_AREA / INTER_CUBIC / INTER_NEAREST picked by the map's content; sd15 (and this test) crop first, then
-resize with Lanczos, the filter of diffusers' control image processor.
+Not A1111's pixels: its ControlNet extension resamples with OpenCV's INTER_AREA / INTER_CUBIC / INTER_NEAREST,
+picked by the map's content; sd15 (and this test) with Lanczos, the filter of diffusers' control image
+processor. The geometry (scale factors, rounding, crop and padding offsets, the fill colour) is A1111's.
 """
 
 import numpy as np
@@ -435,33 +437,44 @@ def test_only_masked_crops_the_control_image_with_the_init_image(ours, nets, mon
 
 # ---- 8. resize modes -----------------------------------------------------------------------------------
 
-def centre_square(image: Image.Image) -> Image.Image:
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side))
+def a1111_placed(image: Image.Image, mode: str, w: int = SIZE, h: int = SIZE) -> Image.Image:
+    """A1111's ControlNet resize geometry (its `high_quality_resize` callers), written out from the formula."""
+    ow, oh = image.size
+    if mode == "Just Resize":
+        return image.resize((w, h), resample=Image.LANCZOS)
+    k = max(h / oh, w / ow) if mode == "Crop and Resize" else min(h / oh, w / ow)
+    nw, nh = int(np.round(ow * k)), int(np.round(oh * k))
+    scaled = image.resize((nw, nh), resample=Image.LANCZOS)
+    if mode == "Crop and Resize":
+        pad_w, pad_h = (nw - w) // 2, (nh - h) // 2
+        return scaled.crop((pad_w, pad_h, pad_w + w, pad_h + h))
+    a = np.asarray(image)
+    colour = np.median(np.concatenate([a[0, :, :], a[-1, :, :], a[:, 0, :], a[:, -1, :]], axis=0), axis=0)
+    canvas = np.tile(colour.astype(np.uint8)[None, None], [h, w, 1])
+    pad_h, pad_w = max(0, (h - nh) // 2), max(0, (w - nw) // 2)
+    canvas[pad_h:pad_h + nh, pad_w:pad_w + nw] = np.asarray(scaled)
+    return Image.fromarray(canvas)
 
 
-@pytest.mark.parametrize("size", [(96, 64), (150, 100), (64, 120)])
-def test_crop_and_resize_is_centre_crop_then_lanczos(nets, size):
+@pytest.mark.parametrize("size", [(96, 64), (150, 100), (64, 120), (97, 61)])
+def test_resize_modes_follow_a1111s_geometry(nets, size):
     mine, _ = nets[0]
     image = picture(*size)
-    square = centre_square(image)
-    expected = square if square.size == (SIZE, SIZE) else square.resize((SIZE, SIZE), resample=Image.LANCZOS)
-    hint = Control(mine, image).hint(SIZE, SIZE)              # "Crop and Resize", A1111's default
-    assert hint.shape == (1, 3, SIZE, SIZE)
-    assert torch.equal(hint, as_hint(expected))
-    stretched = Control(mine, image, resize_mode="Just Resize").hint(SIZE, SIZE)
-    assert torch.equal(stretched, as_hint(image.resize((SIZE, SIZE), resample=Image.LANCZOS)))
-    assert not torch.equal(hint, stretched)
+    hints = {}
+    for mode in ("Crop and Resize", "Resize and Fill", "Just Resize"):
+        hints[mode] = Control(mine, image, resize_mode=mode).hint(SIZE, SIZE)
+        assert hints[mode].shape == (1, 3, SIZE, SIZE)
+        assert torch.equal(hints[mode], as_hint(a1111_placed(image, mode))), mode
+    assert not torch.equal(hints["Crop and Resize"], hints["Just Resize"])
+    assert not torch.equal(hints["Resize and Fill"], hints["Just Resize"])
 
 
 def test_resize_mode_reaches_the_controlnet(ours, nets, monkeypatch):
     mine, _ = nets[0]
     image = picture(150, 100)
     seen = hint_spy(monkeypatch, mine)
-    for mode, expected in (("Crop and Resize", centre_square(image)), ("Just Resize", image)):
+    for mode in ("Crop and Resize", "Just Resize", "Resize and Fill"):
         seen.clear()
         ours.generate(Request(PROMPT, width=SIZE, height=SIZE, steps=1, sampler="euler", seed=2,
                               control=(Control(mine, image, resize_mode=mode),)))
-        assert torch.equal(seen[0][:1], as_hint(expected.resize((SIZE, SIZE), resample=Image.LANCZOS))), mode
+        assert torch.equal(seen[0][:1], as_hint(a1111_placed(image, mode))), mode

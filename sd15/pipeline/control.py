@@ -50,7 +50,7 @@ from .images import Pixels
 
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
          "controlnet": "ControlNet is more important"}
-RESIZE_MODES = ("Just Resize", "Crop and Resize")
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 SOFT_BASE = 0.825        # the original repository's soft-injection ratio, shared by A1111's modes
 INPAINT = "inpaint"      # the preprocessor that needs the request's mask
 
@@ -98,7 +98,7 @@ class Control:
     guess_mode: bool = False              # diffusers' guess mode (conditional rows, logspace scales)
     preprocess: str = "none"              # "none", "canny", "invert", "inpaint"
     params: Mapping[str, float] = field(default_factory=dict)   # the preprocessor's, e.g. {"low": 100, "high": 200}
-    resize_mode: str = "Crop and Resize"  # A1111's default; "Just Resize" stretches (diffusers)
+    resize_mode: str = "Crop and Resize"  # A1111's default; "Just Resize" stretches (diffusers); "Resize and Fill"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -195,8 +195,7 @@ def check_settings(settings: Mapping[str, object]) -> dict[str, object]:
     if v["guess_mode"] and v["mode"] != "balanced":
         raise ValueError("guess_mode is diffusers' version of A1111's mode 'controlnet': give one of them")
     if v["resize_mode"] not in RESIZE_MODES:
-        raise ValueError(f"Control.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {v['resize_mode']!r}"
-                         " (A1111's 'Resize and Fill' is not supported)")
+        raise ValueError(f"Control.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {v['resize_mode']!r}")
     if v["preprocess"] in ("none", INPAINT):
         if v["params"]:
             raise ValueError(f"the {v['preprocess']!r} preprocessor takes no parameters, got {dict(v['params'])}")
@@ -260,31 +259,53 @@ def _control_image(image):
     return pixels
 
 
-def _crop_box(w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred box of (w, h) with the target's aspect ratio (A1111's Crop and Resize)."""
-    scale = max(width / w, height / h)
-    cw, ch = round(width / scale), round(height / scale)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return left, top, left + cw, top + ch
+def _fitted_size(w: int, h: int, width: int, height: int, cover: bool) -> tuple[int, int]:
+    """(w, h) scaled by one factor to cover (A1111's Crop and Resize) or fit inside (Resize and Fill) the
+    target, rounded as A1111's ControlNet extension rounds."""
+    k = (max if cover else min)(height / h, width / w)
+    return int(np.round(w * k)), int(np.round(h * k))
 
 
 def _resized_pil(source: Image.Image, width: int, height: int, mode: str) -> Image.Image:
-    # Lanczos, as diffusers' control image processor; /255 exactly afterwards
+    """The control image at the generation size, as A1111's extension places it (its geometry: scale to
+    cover and crop the centre, or scale to fit and fill the rest with the median colour of the image's
+    border pixels); resampled with Lanczos, diffusers' filter, where A1111 picks OpenCV's by content."""
     source = source.convert("RGB")
-    if mode == "Crop and Resize" and source.size != (width, height):
-        box = _crop_box(*source.size, width, height)
-        if box != (0, 0, *source.size):
-            source = source.crop(box)
-    return source if source.size == (width, height) else source.resize((width, height), resample=Image.LANCZOS)
+    if source.size == (width, height):
+        return source
+    if mode == "Just Resize":
+        return source.resize((width, height), resample=Image.LANCZOS)
+    fitted = source.resize(_fitted_size(*source.size, width, height, mode == "Crop and Resize"),
+                           resample=Image.LANCZOS)
+    fw, fh = fitted.size
+    if mode == "Crop and Resize":
+        left, top = (fw - width) // 2, (fh - height) // 2
+        return fitted.crop((left, top, left + width, top + height))
+    a = np.asarray(source)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    canvas = Image.new("RGB", (width, height), tuple(int(c) for c in np.median(border, axis=0).astype(np.uint8)))
+    canvas.paste(fitted, ((width - fw) // 2, (height - fh) // 2))
+    return canvas
 
 
 def _resized_tensor(t: torch.Tensor, width: int, height: int, mode: str) -> torch.Tensor:
+    def resized(x, size):
+        if tuple(x.shape[-2:]) == (size[1], size[0]):
+            return x
+        return F.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 1)
+    if mode == "Just Resize" or tuple(t.shape[-2:]) == (height, width):
+        return resized(t, (width, height))
+    fitted = resized(t, _fitted_size(t.shape[-1], t.shape[-2], width, height, mode == "Crop and Resize"))
+    fh, fw = fitted.shape[-2:]
     if mode == "Crop and Resize":
-        left, top, right, bottom = _crop_box(t.shape[-1], t.shape[-2], width, height)
-        t = t[..., top:bottom, left:right]
-    if tuple(t.shape[-2:]) != (height, width):
-        t = F.interpolate(t, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    return t
+        top, left = (fh - height) // 2, (fw - width) // 2
+        return fitted[..., top:top + height, left:left + width]
+    border = torch.cat([t[0, :, 0], t[0, :, -1], t[0, :, :, 0], t[0, :, :, -1]], dim=1)
+    canvas = border.median(dim=1).values[None, :, None, None].expand(1, 3, height, width).clone()
+    top, left = (height - fh) // 2, (width - fw) // 2
+    canvas[..., top:top + fh, left:left + fw] = fitted
+    return canvas
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
