@@ -27,7 +27,8 @@ from sd15.files.remap import remap
 
 __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
            "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
-           "engine_models", "component", "rel_err", "pixel_stats", "toy_eps", "recording", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler"]
+           "engine_models", "component", "rel_err", "pixel_stats", "toy_eps", "recording", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler",
+           "diffusers_steps"]
 
 
 FULL = Configs()                                  # sd15.models.loading's: the configs sd15.load builds with
@@ -83,3 +84,18 @@ def recording(model, log):
         log.append((x.clone(), float(t)))
         return model(x, t)
     return eps_model
+
+
+def diffusers_steps(cls, components: dict, sampler: str, seed: int, **kwargs):
+    """diffusers' pipeline `cls` built from `components` with the reference scheduler of our `sampler`, run
+    with a CPU generator seeded `seed`: (its output, the latents after every step)."""
+    pipe = cls(**components, scheduler=reference_scheduler(sampler))
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+
+    def on_step_end(_pipe, _i, _t, tensors):
+        steps.append(tensors["latents"].clone())
+        return {}
+
+    out = pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end, **kwargs)
+    return out, steps

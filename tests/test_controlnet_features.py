@@ -48,7 +48,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sd15
-from reference import reference_scheduler, rel_err
+from reference import diffusers_steps, rel_err
 from sd15.files import CheckpointError
 from sd15.models.config import ControlNetConfig
 from sd15.models.controlnet import ControlNet
@@ -125,17 +125,8 @@ def steps_of(pipe, request) -> list[torch.Tensor]:
 
 def run_diffusers(cls, components, sampler, seed, **kwargs) -> list[torch.Tensor]:
     """The latents after every step of diffusers' pipeline `cls` (img2img / inpaint ControlNet pipelines)."""
-    pipe = cls(**components, scheduler=reference_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        steps.append(tensors["latents"].clone())
-        return {}
-
-    pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
-         callback_on_step_end=on_step_end, output_type="latent", **kwargs)
-    return steps
+    return diffusers_steps(cls, components, sampler, seed, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                           output_type="latent", **kwargs)[1]
 
 
 # ---- 1. control modes ----------------------------------------------------------------------------------

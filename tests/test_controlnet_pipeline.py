@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import reference_scheduler, rel_err
+from reference import diffusers_steps, rel_err
 from sd15.models.loading import load_controlnet
 from sd15.pipeline.control import Control
 from sd15.pipeline.request import Request
@@ -92,19 +92,9 @@ def run_ours(pipe, sampler, seed, controls):
 
 
 def run_reference(components, sampler, seed, controlnet, **kwargs):
-    pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet,
-                                             scheduler=reference_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        steps.append(tensors["latents"].clone())
-        return {}
-
-    pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, num_inference_steps=STEPS,
-         guidance_scale=7.5, generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
-         output_type="latent", **kwargs)
-    return steps
+    return diffusers_steps(StableDiffusionControlNetPipeline, components | {"controlnet": controlnet}, sampler, seed,
+                           prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE,
+                           num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent", **kwargs)[1]
 
 
 def compare(ours_steps, ref_steps, plain_steps=None):

@@ -41,7 +41,7 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import (FULL, TINY, engine_models, pixel_stats, reference_models, reference_scheduler, reference_unet,
+from reference import (diffusers_steps, FULL, TINY, engine_models, pixel_stats, reference_models, reference_scheduler, reference_unet,
                        rel_err)
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from sd15.models.demo import PREFIX, tiny_metadata
@@ -124,17 +124,7 @@ def run_ours(pipe, request: Request):
 
 
 def run_reference(components, sampler, seed, **kwargs):
-    pipe = StableDiffusionInpaintPipeline(**components, scheduler=reference_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        steps.append(tensors["latents"].clone())
-        return {}
-
-    pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end, output_type="latent",
-         **kwargs)
-    return steps
+    return diffusers_steps(StableDiffusionInpaintPipeline, components, sampler, seed, output_type="latent", **kwargs)[1]
 
 
 def compare(pipe, ref_vae, ours_steps, ref_steps) -> tuple[float, float, torch.Tensor]:

@@ -41,7 +41,7 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import TINY, pixel_stats, reference_models, reference_scheduler, rel_err
+from reference import diffusers_steps, TINY, pixel_stats, reference_models, rel_err
 from sd15.models.demo import PREFIX, tiny_metadata
 from sd15.pipeline.infotext import parse_infotext
 from sd15.pipeline.masks import Inpaint
@@ -261,16 +261,7 @@ def models(tiny_ckpt_file, tiny_models, nine_state_dict, reference_tokenizer_fil
 
 
 def run_reference(components, sampler, seed, **kwargs):
-    pipe = StableDiffusionInpaintPipeline(**components, scheduler=reference_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        steps.append(tensors["latents"].clone())
-        return {}
-
-    out = pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end, output_type="pil",
-               **kwargs)
+    out, steps = diffusers_steps(StableDiffusionInpaintPipeline, components, sampler, seed, output_type="pil", **kwargs)
     return out.images, steps
 
 

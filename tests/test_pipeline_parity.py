@@ -37,7 +37,7 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import FULL, SCHEDULERS, engine_models, pixel_stats, reference_models, reference_scheduler, rel_err
+from reference import diffusers_steps, FULL, SCHEDULERS, engine_models, pixel_stats, reference_models, rel_err
 from sd15.models.latents import LATENT_SCALE
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict
@@ -86,17 +86,8 @@ def run_ours(pipe, method, sampler, seed, **kwargs):
 
 
 def run_reference(components, cls, sampler, seed, **kwargs):
-    pipe = cls(**components, scheduler=reference_scheduler(sampler))
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def on_step_end(_pipe, _i, _t, tensors):
-        steps.append(tensors["latents"].clone())
-        return {}
-
-    out = pipe(generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
-               **({"output_type": "pil"} | kwargs))
-    return out.images, steps, pipe.vae
+    out, steps = diffusers_steps(cls, components, sampler, seed, **({"output_type": "pil"} | kwargs))
+    return out.images, steps, components["vae"]
 
 
 def check(pipe, ours_out, ref_out, latent_tol=LATENT_TOL):
