@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference import TINY, engine_models, reference_models
-from sd15.models.demo import random_state_dict, tiny_metadata
+from sd15.models.demo import PREFIX, random_state_dict, tiny_metadata
 from tools.make_checkpoint import save
 
 
@@ -19,6 +19,23 @@ def tiny_ckpt_file(tiny_state_dict, tmp_path_factory):
     """`tiny_state_dict` written as a real .safetensors file (configs in its metadata) for `sd15.load`."""
     path = tmp_path_factory.mktemp("models") / "tiny-model_v1.safetensors"
     save(tiny_state_dict, path, metadata=tiny_metadata())
+    return path
+
+
+@pytest.fixture(scope="session")
+def nine_state_dict(tiny_state_dict):
+    """The tiny checkpoint with a 9-input-channel first convolution (an SD1 inpainting UNet's shape)."""
+    key = PREFIX["unet"] + "input_blocks.0.0.weight"
+    sd = dict(tiny_state_dict)
+    sd[key] = torch.randn((sd[key].shape[0], 9, 3, 3), generator=torch.Generator().manual_seed(9)) / (9 * 9) ** 0.5
+    return sd
+
+
+@pytest.fixture(scope="session")
+def nine_ckpt_file(nine_state_dict, tmp_path_factory):
+    """`nine_state_dict` as a .safetensors file; its metadata says 4 channels (the tiny configs): shapes win."""
+    path = tmp_path_factory.mktemp("inpaint") / "tiny-inpainting.safetensors"
+    save(nine_state_dict, path, metadata=tiny_metadata())
     return path
 
 

@@ -44,7 +44,7 @@ import sd15
 from reference import (diffusers_steps, FULL, TINY, engine_models, pixel_stats, reference_models, reference_scheduler, reference_unet,
                        rel_err)
 from sd15.conditioning.tokenizer import CLIPTokenizer
-from sd15.models.demo import PREFIX, tiny_metadata
+from sd15.models.demo import PREFIX
 from sd15.models.latents import LATENT_SCALE
 from sd15.models.loading import unet_config_from_shapes
 from sd15.pipeline import stages
@@ -52,7 +52,7 @@ from sd15.pipeline.images import pil_to_tensor, tensor_to_pil
 from sd15.pipeline.masks import Inpaint, gaussian_blur, paste_back
 from sd15.pipeline.request import Request
 from sd15.sampling import predicted_x0
-from tools.make_checkpoint import random_full_state_dict, save
+from tools.make_checkpoint import random_full_state_dict
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                          "ignore:TF32 acceleration:UserWarning"),
@@ -78,22 +78,6 @@ def mask_picture(width=W, height=H) -> Image.Image:
     m[height // 6: height * 3 // 4, width // 4: width * 11 // 16] = 255
     m[-8:, :] = np.linspace(100, 160, width).round().astype(np.uint8)
     return Image.fromarray(m, mode="L")
-
-
-@pytest.fixture(scope="module")
-def nine_state_dict(tiny_state_dict):
-    """The tiny checkpoint with a 9-input-channel first convolution (an SD1 inpainting UNet's shape)."""
-    sd = dict(tiny_state_dict)
-    c = sd[CONV_IN].shape[0]
-    sd[CONV_IN] = torch.randn((c, 9, 3, 3), generator=torch.Generator().manual_seed(9)) / (9 * 9) ** 0.5
-    return sd
-
-
-@pytest.fixture(scope="module")
-def nine_ckpt_file(nine_state_dict, tmp_path_factory):
-    path = tmp_path_factory.mktemp("inpaint") / "tiny-inpainting.safetensors"
-    save(nine_state_dict, path, metadata=tiny_metadata())    # the metadata says 4 channels: shapes win
-    return path
 
 
 @pytest.fixture(scope="module")

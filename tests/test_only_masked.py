@@ -34,7 +34,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
@@ -42,11 +41,9 @@ from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
 from reference import diffusers_steps, TINY, pixel_stats, reference_models, rel_err
-from sd15.models.demo import PREFIX, tiny_metadata
 from sd15.pipeline.infotext import parse_infotext
 from sd15.pipeline.masks import Inpaint
 from sd15.pipeline.only_masked import Paste, crop_region, expand_crop_region, paste, resize_crop, resize_fill
-from tools.make_checkpoint import save
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                          "ignore:TF32 acceleration:UserWarning")]
@@ -54,7 +51,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::
 TOL = 1e-5
 PIXEL_MAX_DIFF, PIXEL_IDENTICAL = 1, 0.995
 PROMPT, NEGATIVE = "a red door in a white wall", "blurry, low quality"
-CONV_IN = PREFIX["unet"] + "input_blocks.0.0.weight"
 
 
 def ours_crop(mask: Image.Image, width: int, height: int, pad: int):
@@ -235,19 +231,9 @@ GEOMETRY = {"square": (8, 64, 48), "strip": (0, 48, 64), "corner": (32, 64, 48)}
 
 
 @pytest.fixture(scope="module")
-def nine_state_dict(tiny_state_dict):
-    """The tiny checkpoint with a 9-input-channel first convolution (as tests/test_inpaint_parity.py)."""
-    sd = dict(tiny_state_dict)
-    c = sd[CONV_IN].shape[0]
-    sd[CONV_IN] = torch.randn((c, 9, 3, 3), generator=torch.Generator().manual_seed(9)) / (9 * 9) ** 0.5
-    return sd
-
-
-@pytest.fixture(scope="module")
-def models(tiny_ckpt_file, tiny_models, nine_state_dict, reference_tokenizer_files, tmp_path_factory):
+def models(tiny_ckpt_file, tiny_models, nine_state_dict, nine_ckpt_file, reference_tokenizer_files):
     """{4: (ours, reference components), 9: (...)}"""
-    nine_file = tmp_path_factory.mktemp("only-masked") / "tiny-inpainting.safetensors"
-    save(nine_state_dict, nine_file, metadata=tiny_metadata())
+    nine_file = nine_ckpt_file
     nine = reference_models(nine_state_dict, dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet,
                                                                                                 in_channels=9)))
     tokenizer = ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77)
