@@ -22,7 +22,8 @@ PACKAGE = ROOT / "sd15"
 
 # layer of each part of sd15 (higher may import lower, never the reverse); the top-level modules are
 # the public API and the `python -m` entry points, above everything
-LAYERS = {"files": 0, "models": 1, "conditioning": 2, "sampling": 2, "adapters": 2, "pipeline": 3, "cli": 4}
+LAYERS = {"files": 0, "models": 1, "conditioning": 2, "sampling": 2, "adapters": 2, "pipeline": 3, "cli": 4,
+          "serve": 4, "batch": 4}
 # imports allowed between siblings of one layer: none
 TOP = 5
 # sd15.process imports nothing of sd15 and may be imported by anything (it must run before torch)

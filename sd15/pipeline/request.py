@@ -137,6 +137,9 @@ class Request:
             raise ValueError("inpainting repaints part of an image: give the image (init_image; CLI --init-image) "
                              "with the mask")
         set_("control", check_controls(self.control))
+        if self.init_image is None and any(c.image is None for c in self.control):
+            raise ValueError("a Control without an image takes the init image (img2img, inpainting); this request "
+                             "has none: give the control image")
         set_("hires", Hires.of(self.hires))
         if self.hires is not None:
             if self.init_image is not None:

@@ -16,7 +16,6 @@ import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import ftfy
 import regex  # the stdlib `re` has no \p{L} / \p{N}, and its \s differs from the reference's
 import torch
 
@@ -66,6 +65,7 @@ def clean(text: str) -> str:
     fixes needs non-ASCII text, an HTML entity, or a control character), so it skips ftfy: the slow half
     of tokenising, paid once per weighted piece of a prompt."""
     if not (text.isascii() and text.isprintable() and "&" not in text):
+        import ftfy  # here, not at the top: its import costs ~0.05 s, and most prompts never need it
         text = ftfy.fix_text(text)
     return _WHITESPACE.sub(" ", text).strip().lower()
 
