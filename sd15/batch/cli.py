@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at ADDRESS (auto, ray://host:10001, host:6379); needs pip install 'sd15[ray]'")
     p.add_argument("--workers", type=int, help="Ray: generator workers (default: one per GPU, else one)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: CUDA when available)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per generating process (default: torch's locally, a Ray worker's CPU "
+                        "share); CPU results are bit-equal between runs with the same count")
     p.add_argument("--lora-dir", action="append", help=f"folder of LoRA files (repeatable; default ${LORAS_ENV})")
     p.add_argument("--embeddings-dir", action="append",
                    help=f"folder of textual-inversion embeddings (repeatable; default ${EMBEDDINGS_ENV})")
@@ -78,6 +81,8 @@ def options_of(args) -> Options:
         raise ValueError(f"checkpoint {args.ckpt} does not exist")
     if args.workers is not None and (args.ray is None or args.workers < 1):
         raise ValueError("--workers N (N >= 1) sets the number of Ray workers: use it with --ray")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     check_device(args.device)
@@ -90,7 +95,7 @@ def options_of(args) -> Options:
                         ckpt=None if args.demo else str(Path(args.ckpt).resolve()), demo=args.demo,
                         device=args.device, lora_dirs=tuple(str(Path(d).resolve()) for d in lora_dirs),
                         embedding_dirs=tuple(str(Path(d).resolve()) for d in embedding_dirs),
-                        crash=CrashHook.from_env())
+                        crash=CrashHook.from_env(), threads=args.threads)
     return Options(job=args.job, out=args.out, settings=settings, job_seed=args.seed, force=args.force,
                    ray=args.ray, workers=args.workers, progress=not args.quiet)
 

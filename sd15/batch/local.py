@@ -17,9 +17,16 @@ from .render import Result, Settings, attempt, load_pipeline
 def local_results(items: list[Item], settings: Settings, stop) -> Iterator[Result]:
     if not items:
         return
+    import torch
+    previous = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="sd15-batch-") as tmp:
-        pipe = load_pipeline(settings, Path(tmp))
-        for item in items:
-            if stop.requested:
-                return
-            yield attempt(pipe, item, settings)
+        try:
+            if settings.threads:
+                torch.set_num_threads(settings.threads)
+            pipe = load_pipeline(settings, Path(tmp))
+            for item in items:
+                if stop.requested:
+                    return
+                yield attempt(pipe, item, settings)
+        finally:
+            torch.set_num_threads(previous)        # the caller's process (a test, a notebook) gets its own back

@@ -120,7 +120,7 @@ def _results(items: list[Item], settings: Settings, stop, workers: int | None) -
                              override_num_blocks=min(len(items), MAX_BLOCKS))
     ds = ds.map_batches(GeneratorActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
                         fn_constructor_kwargs={"settings": settings, "deaths": RowDeaths.remote(),
-                                               "threads": None if gpus else cpus},
+                                               "threads": settings.threads or (None if gpus else cpus)},
                         num_gpus=1 if gpus else 0, num_cpus=cpus)
     try:
         for row in ds.iter_rows():

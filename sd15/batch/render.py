@@ -66,6 +66,9 @@ class Settings:
     lora_dirs: tuple[str, ...] = ()
     embedding_dirs: tuple[str, ...] = ()
     crash: CrashHook | None = None
+    # torch threads of each generating process (local, or each Ray worker); None: torch's default locally, a
+    # Ray worker's CPU share. CPU kernels split their sums by thread, so equal images need equal counts.
+    threads: int | None = None
 
 
 def checkpoint_path(settings: Settings, tmp: Path) -> Path:
