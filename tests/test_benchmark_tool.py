@@ -64,8 +64,8 @@ def test_shapes_come_from_the_checkpoints_configs(results):
 def test_load_rows(results):
     assert [r["dtype"] for r in results["load"]] == ["float16", "float32"]
     for r in results["load"]:
-        for field in ("file_bytes", "raw_read_s", "load_s", "load_touched_s", "ratio_to_read", "peak_bytes",
-                      "peak_to_file"):
+        for field in ("file_bytes", "raw_read_s", "import_s", "load_s", "load_touched_s", "ratio_to_read",
+                      "peak_bytes", "peak_to_file"):
             assert positive(r[field]), (r["dtype"], field, r[field])
 
 

@@ -1,5 +1,7 @@
 """The markdown report of `tools.benchmark`'s results (the JSON it writes holds every figure too)."""
 
+from tools import bench_anchors
+
 ROW_TITLES = {"unet": "UNet", "decode": "VAE decode", "encode": "VAE encode", "text": "text encoder"}
 
 
@@ -33,11 +35,13 @@ def rows_markdown(results: dict) -> list[str]:
 
 
 def load_markdown(rows: list[dict]) -> list[str]:
-    out = ["| load | file | raw read (s) | read to new memory (s) | sd15.load (s) | load + touch (s) | / raw read "
-           "| peak RSS | / file |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| load | file | raw read (s) | read to new memory (s) | import sd15.pipeline (s) | sd15.load (s) "
+           "| load + touch (s) | / raw read | peak RSS | / file |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['file']} -> {r['dtype']} | {r['file_bytes'] / 2**30:.2f} GiB | {r['raw_read_s']:.2f} | "
-                   f"{r['fresh_read_s']:.2f} | {r['load_s']:.2f} | {r['load_touched_s']:.2f} | "
+                   f"{r['fresh_read_s']:.2f} | {r.get('import_s', float('nan')):.2f} | {r['load_s']:.2f} | "
+                   f"{r['load_touched_s']:.2f} | "
                    f"**{r['ratio_to_read']:.2f}** | {r['peak_bytes'] / 2**30:.2f} GiB | **{r['peak_to_file']:.2f}** |")
     return out
 
@@ -65,9 +69,14 @@ def markdown(results: dict) -> str:
     out = [f"{m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM, {m['gpu'] or 'no GPU'}, "
            f"torch {m['torch']}, {m['threads']} threads, THP_MEM_ALLOC_ENABLE {'on' if m['thp_mem_alloc'] else 'off'}; "
            f"{results['device']} {results['dtype']}, {results['size']}x{results['size']}, "
-           f"{results['inner']} call(s) per timed sample", ""]
+           f"{results['inner']} call(s) per timed sample"]
+    if m.get("load_average"):
+        out[0] += "; load average (1/5/15 min) at start " + "/".join(f"{x:.1f}" for x in m["load_average"]) + (
+            ", at end " + "/".join(f"{x:.1f}" for x in results["load_average_end"]) if "load_average_end" in results else "")
+    out.append("")
     if results["rows"]:
         out += rows_markdown(results)
+    out += bench_anchors.markdown(results)
     if "load" in results:
         out += load_markdown(results["load"]) + [""]
     if "flops" in results:

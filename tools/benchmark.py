@@ -23,6 +23,15 @@ diffusers). Timings alternate ours/diffusers repeat by repeat in this process, s
 both; the ratio column is the median of the per-repeat ratios (< 1: we are faster). On CUDA each row
 also records the peak memory each engine's calls allocated (torch.cuda.max_memory_allocated). Loads:
 see `tools.bench_load`.
+
+CPU comparison engines, each in its own venv (`bash tools/anchors/setup.sh DIR`; never sd15 dependencies),
+join the same run on the same weights and inputs with --anchors DIR (`tools.bench_anchors`): OpenVINO
+(fp32 IR converted from diffusers' modules; INFERENCE_PRECISION_HINT=f32 and its default) for the UNet,
+decode, text and txt2img rows, stable-diffusion.cpp for txt2img. Each repeat times ours, diffusers, then
+every anchor variant; an engine not installed is skipped with its reason. Keep --workdir so the IR is
+converted once:
+
+    python -m tools.benchmark --workdir /tmp/sd15bench --anchors /tmp/sd15-anchors --only unet,decode,text,txt2img
 """
 
 import argparse
@@ -46,7 +55,8 @@ from sd15.files.checkpoint import state_from_raw  # noqa: E402
 from sd15.files.readers import read_checkpoint_file  # noqa: E402
 from sd15.models.loading import Configs, configs_from_metadata  # noqa: E402
 from sd15.models.unet import batch_timesteps  # noqa: E402
-from tools import bench_load, bench_report  # noqa: E402
+from sd15.conditioning import CLIPTokenizer  # noqa: E402
+from tools import bench_anchors, bench_load, bench_report  # noqa: E402
 from tools.make_checkpoint import random_full_state_dict, save  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -75,17 +85,24 @@ def timed(fn, device, inner=1) -> tuple[float, float, int | None]:
     return wall, cpu, torch.cuda.max_memory_allocated(device) if cuda else None
 
 
-def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, check=None) -> dict:
+def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, check=None, anchors=None,
+            reference=None) -> dict:
     """Median times of `ours` and `ref`, alternating which runs first; ratio = median of per-repeat ratios.
 
     The first call of each is timed apart (`*_first_s`: it compiles, when compiled). On CUDA two more
     untimed calls follow: CUDA graphs are recorded on the second. The CPU-time ratio is steadier than
     the wall-clock one when other processes share the machine.
+
+    anchors (tools.bench_anchors.Anchors): each repeat ends with one timed sample of every anchor variant
+    that has this row; after the check, `reference()` (diffusers' output as a numpy array) is what their
+    deviation is measured against. row["anchors"] holds their figures.
     """
     print(f"  {name} ...", file=sys.stderr, flush=True)
     row = dict(key=key, name=name, inner=inner)
     if warmup:
         row["ours_first_s"], row["diffusers_first_s"] = timed(ours, device)[0], timed(ref, device)[0]
+        if anchors:
+            anchors.warm_up(key)
         if device.type == "cuda":
             timed(ours, device, 2), timed(ref, device, 2)
     if device.type == "cuda":   # what both engines hold (weights, inputs): the peaks below include it
@@ -95,6 +112,8 @@ def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, chec
         pair = [(ours, t_ours), (ref, t_ref)]
         for fn, times in (pair if r % 2 == 0 else pair[::-1]):
             times.append(timed(fn, device, inner))
+        if anchors:        # separate processes: they run after ours and diffusers in each repeat
+            anchors.time(key, r)
     med = statistics.median
     row |= dict(ours_s=med(s[0] for s in t_ours), diffusers_s=med(s[0] for s in t_ref),
                 ratio=med(a[0] / b[0] for a, b in zip(t_ours, t_ref)),
@@ -105,17 +124,24 @@ def compare(key, name, ours, ref, *, repeats, device, inner=1, warmup=True, chec
     if check is not None:
         with torch.inference_mode():
             row["max_rel_diff"] = check()
+    if anchors:
+        diffs = anchors.check(key, reference()) if reference is not None else {}
+        row["anchors"] = anchors.row(key, t_ours, t_ref, diffs)
     return row
 
 
-def parity(ours, ref):
+def parity(ours, ref, keep=None):
     """A check: tools.reference.rel_err of the two outputs. Ours is copied out (.double()) before ref runs:
-    the output of a CUDA-graph (max-autotune) call is overwritten by the next compiled call."""
+    the output of a CUDA-graph (max-autotune) call is overwritten by the next compiled call. `keep`, a
+    dict, gets ref's output as "ref" (what the anchors are compared with)."""
     from tools.reference import rel_err   # diffusers only where the reference runs
 
     def check():
         a = ours().double()
-        return rel_err(a, ref())
+        b = ref()
+        if keep is not None:
+            keep["ref"] = b.float().cpu().numpy()
+        return rel_err(a, b)
     return check
 
 
@@ -188,7 +214,7 @@ def inputs(tokenizer, configs: Configs, size: int, device, dtype):
     return ids, x, t, ctx, z, img
 
 
-def compare_models(args, path, raw, configs: Configs, device, dtype) -> list[dict]:
+def compare_models(args, path, raw, configs: Configs, device, dtype, tensors, anchors=None) -> list[dict]:
     from tools.reference import reference_models, reference_pipeline
     print("loading both engines ...", file=sys.stderr, flush=True)
     pipe = sd15.load(path, device=device, dtype=dtype)
@@ -199,15 +225,16 @@ def compare_models(args, path, raw, configs: Configs, device, dtype) -> list[dic
         print("compiling (each row's first call compiles) ...", file=sys.stderr, flush=True)
         compile_unets(args, pipe, ref.unet, device)
     unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
-    ids, x, t, ctx, z, img = inputs(pipe.tokenizer, configs, args.size, device, dtype)
+    ids, x, t, ctx, z, img = tensors
     u, v, size = configs.unet, configs.vae, args.size
     side = size // v.downscale
-    kw = dict(repeats=args.repeats, device=device, inner=args.inner)
-    rows = []
+    kw = dict(repeats=args.repeats, device=device, inner=args.inner, anchors=anchors)
+    rows, kept = [], {}
 
     def add(key, name, ours, theirs):
         if key in args.only:
-            rows.append(compare(key, name, ours, theirs, check=parity(ours, theirs), **kw))
+            rows.append(compare(key, name, ours, theirs, check=parity(ours, theirs, kept),
+                                reference=lambda: kept["ref"], **kw))
 
     add("unet", f"UNet step, CFG batch 2x{u.in_channels}x{side}x{side}", lambda: unet(x, t, ctx),
         lambda: ref.unet(x, t, ctx).sample)
@@ -218,11 +245,11 @@ def compare_models(args, path, raw, configs: Configs, device, dtype) -> list[dic
         if row["key"] == "unet":   # one call = one sampling step
             row["ours_it_s"], row["diffusers_it_s"] = 1 / row["ours_s"], 1 / row["diffusers_s"]
     if "txt2img" in args.only:
-        rows.append(compare_txt2img(args, pipe, reference_pipeline(ref), ref.text_encoder, ids, device))
+        rows.append(compare_txt2img(args, pipe, reference_pipeline(ref), ref.text_encoder, ids, device, anchors))
     return rows
 
 
-def compare_txt2img(args, pipe, ref_pipe, text_ref, ids, device) -> dict:
+def compare_txt2img(args, pipe, ref_pipe, text_ref, ids, device, anchors=None) -> dict:
     """Whole txt2img, DPM++ 2M Karras, one call per sample; warmed up only where the first call is
     special (CUDA, compiled): on a CPU a full-size warm-up would cost a whole generation per engine."""
     images, size = {}, args.size
@@ -243,8 +270,10 @@ def compare_txt2img(args, pipe, ref_pipe, text_ref, ids, device) -> dict:
         return float(np.abs(a - b).max()) / 255
 
     warmup = device.type == "cuda" or args.compile or args.compile_diffusers
+    import numpy as np
     row = compare("txt2img", f"txt2img {size}x{size}, {args.steps} steps DPM++ 2M Karras", ours, theirs,
-                  repeats=args.repeats, device=device, warmup=warmup, check=pixels_diff)
+                  repeats=args.repeats, device=device, warmup=warmup, check=pixels_diff, anchors=anchors,
+                  reference=lambda: np.asarray(images["ref"]))
     row["ours_it_s"], row["diffusers_it_s"] = args.steps / row["ours_s"], args.steps / row["diffusers_s"]
     return row
 
@@ -259,7 +288,9 @@ def machine() -> dict:
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=mem, torch=torch.__version__, threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 # what torch read at import (see sd15.process.use_huge_pages)
-                thp_mem_alloc=HUGE_PAGES)
+                thp_mem_alloc=HUGE_PAGES,
+                # 1/5/15-minute load averages when the run started: on a shared machine, how busy it was
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 
 
 def prepare_files(args, tmp: Path) -> tuple[Path, list[tuple[Path, str]]]:
@@ -280,6 +311,16 @@ def prepare_files(args, tmp: Path) -> tuple[Path, list[tuple[Path, str]]]:
     return st, files
 
 
+def start_anchors(args, path: Path, workdir: Path, tensors) -> "bench_anchors.Anchors":
+    """The anchor workers, prepared and loaded before our models and diffusers' take their memory."""
+    ids, x, t, ctx, z, _img = tensors
+    arrays = dict(ids=ids.cpu().numpy(), **{k: v.float().cpu().numpy() for k, v in dict(x=x, t=t, ctx=ctx, z=z).items()})
+    print("starting the comparison engines ...", file=sys.stderr, flush=True)
+    return bench_anchors.Anchors.start(args.anchors, ckpt=path, workdir=workdir, inputs=arrays, keys=args.only,
+                                       steps=args.steps, size=args.size, prompt=PROMPT, threads=args.threads,
+                                       wanted=args.anchor_engines)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -294,9 +335,17 @@ def run(args) -> dict:
             results["load"] = bench_load.load_rows(load_files, args.load_repeats)
         raw = read_checkpoint_file(path)
         configs = configs_from_metadata(raw.metadata)   # a tools.make_checkpoint file's; SD1.5's otherwise
-        if set(args.only) - {"load", "flops"}:
-            results["rows"] = compare_models(args, path, raw, configs, device, dtype)
+        tensors = inputs(CLIPTokenizer(), configs, args.size, device, dtype)
+        anchors = start_anchors(args, path, args.workdir or Path(tmp), tensors) if args.anchors else None
+        try:
+            if set(args.only) - {"load", "flops"}:
+                results["rows"] = compare_models(args, path, raw, configs, device, dtype, tensors, anchors)
+        finally:
+            if anchors:
+                results["anchors"] = anchors.close()
         del raw
+    if hasattr(os, "getloadavg"):
+        results["load_average_end"] = list(os.getloadavg())
     if "flops" in args.only:
         results["flops"] = dict(peak_matmul=peak_matmul_flops(device, dtype, args.matmul_size),
                                 matmul_size=args.matmul_size, counted=meta_flops(configs, args.size))
@@ -323,6 +372,12 @@ def parse_args(argv):
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n matmul peak (flops section)")
     p.add_argument("--workdir", type=Path, help="keep the random checkpoints here and reuse them (default: a temp dir)")
     p.add_argument("--out", type=Path, help="also write the results as JSON")
+    p.add_argument("--anchors", type=Path, metavar="DIR",
+                   help="also time the CPU comparison engines installed under DIR by tools/anchors/setup.sh "
+                        "(OpenVINO, stable-diffusion.cpp); each one missing is skipped with its reason")
+    p.add_argument("--anchor-engines", default=",".join(e.name for e in bench_anchors.ENGINES),
+                   help="comma list of the anchors to run (default: all); e.g. sdcpp alone leaves it the memory "
+                        "OpenVINO's compiled models would hold")
     args = p.parse_args(argv)
     args.command = " ".join(["python -m tools.benchmark", *(sys.argv[1:] if argv is None else argv)])
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -335,6 +390,13 @@ def parse_args(argv):
         p.error(f"--size {args.size}: the image side must be a positive multiple of 8")
     if min(args.repeats, args.load_repeats, args.inner or 1) < 1:
         p.error("--repeats, --load-repeats and --inner must be at least 1")
+    args.anchor_engines = [s.strip() for s in args.anchor_engines.split(",") if s.strip()]
+    known = {e.name for e in bench_anchors.ENGINES}
+    if set(args.anchor_engines) - known:
+        p.error(f"--anchor-engines: unknown {', '.join(sorted(set(args.anchor_engines) - known))}; "
+                f"choose from {', '.join(sorted(known))}")
+    if args.anchors is not None and not args.device.startswith("cpu"):
+        p.error("--anchors: the comparison engines run on the CPU; use them with --device cpu")
     if args.inner is None:
         args.inner = 10 if args.device.startswith("cuda") else 1
     return args

@@ -2,7 +2,8 @@
 
 Lean by construction: modules are built on the meta device (no random initialisation of a billion
 parameters), the file's tensors are renamed and checked by `sd15.files.remap`, converted to the target
-dtype one tensor at a time only where they differ, and assigned into the modules without a further copy.
+dtype one tensor at a time only where they differ (each cast source's mapped file pages given back
+right after: `sd15.files.pages`), and assigned into the modules without a further copy.
 
 Configs come from the tensors' shapes (a checkpoint says how wide and deep it is, and an inpainting UNet
 says it takes 9 input channels), plus two facts shapes cannot tell, the head counts and the GroupNorm
@@ -22,6 +23,7 @@ from torch import nn
 from ..files.checkpoint import SD1Checkpoint, read_sd1_checkpoint, read_vae_file
 from ..files.controlnet import ControlNetState, read_controlnet
 from ..files.errors import CheckpointError
+from ..files.pages import MappedPages
 from ..files.remap import remap
 from .config import ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .controlnet import ControlNet
@@ -184,9 +186,13 @@ def build(module_cls: type[nn.Module], cfg, tensors: Mapping[str, torch.Tensor],
         module = module_cls(cfg)
     shapes = {k: v.shape for k, v in module.state_dict().items()}
     state = remap(dict(tensors), key_map, shapes, component=component, transform_names=transforms)
-    for key, tensor in state.items():
-        if tensor.dtype != dtype or tensor.device != device:
-            state[key] = tensor.to(device=device, dtype=dtype)
+    with MappedPages() as pages:
+        for key, tensor in state.items():
+            if tensor.dtype != dtype or tensor.device != device:
+                state[key] = tensor.to(device=device, dtype=dtype)
+                # The file's pages under the source are not needed any more: give them back now, not at the
+                # end of the load (fp16 file -> float32 models: 2x the file at the peak instead of 3x).
+                pages.release(tensor)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
