@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..pipeline.validation import check_device
 from .job import JobError
 from .render import CrashHook, Settings
 from .session import Options, StopFlag, run_job
@@ -103,18 +104,6 @@ def options_of(args) -> Options:
 def folders(given: list[str] | None, env: str) -> list[str]:
     """The folders given on the command line, else those of the variable (separated by the path separator)."""
     return given or [d for d in os.environ.get(env, "").split(os.pathsep) if d]
-
-
-def check_device(name: str | None) -> None:
-    if name is None:
-        return
-    import torch
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
 
 
 def exit_status(failed: int) -> int:

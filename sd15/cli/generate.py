@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..pipeline import png
+from ..pipeline.validation import check_device
 from . import control as control_args
 from ..pipeline.stages import ti_name
 from ..pipeline.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_STRENGTH,
@@ -314,22 +315,6 @@ def folders(given: list[str] | None, env: str = EMBEDDINGS_ENV) -> list[str]:
     if given:
         return given
     return [d for d in os.environ.get(env, "").split(os.pathsep) if d]
-
-
-def check_device(name: str | None) -> None:
-    if name is None:
-        return
-    import torch
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type)
-    if backend is not None and not backend.is_available():
-        raise ValueError(f"--device {name}: {device.type.upper()} is not available here (no such device, or torch "
-                         f"{torch.__version__} was built without it); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 def output_paths(out: str, seeds: list[int]) -> list[Path]:

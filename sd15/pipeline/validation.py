@@ -56,3 +56,18 @@ def texts(value, name: str) -> str | tuple[str, ...]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def check_device(name: str | None) -> None:
+    """A device name front ends accept (--device): one torch knows, and present here."""
+    if name is None:
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available here (no such device, or torch "
+                         f"{torch.__version__} was built without it); use --device cpu")

@@ -36,7 +36,8 @@ from ..sampling.registry import SAMPLERS, SamplerSpec, resolve_sampler, resolve_
 from ..sampling.schedule_types import SCHEDULE_TYPES
 from . import controlnet
 from .generation import Generation, Outcome
-from .images import crop_resize, decode_image, to_unit_tensor
+from ..pipeline.only_masked import resize_crop
+from .images import decode_image, to_unit_tensor
 from .limits import Limits
 
 A1111_DEFAULT_SAMPLER = "Euler"          # the API's sampler_index default: what runs when none is named
@@ -331,7 +332,7 @@ def init_fields(body: Img2ImgBody, ctx: Context) -> dict:
         raise ValueError(f"width and height must be positive, got {body.width}x{body.height}")
     images = [to_rgb(decode_image(s, f"init_images[{i}]", ctx.limits.max_image_pixels, ctx.spend)) for i, s in enumerate(sources)]
     if body.resize_mode == 1:
-        images = [crop_resize(img, *size) for img in images]
+        images = [resize_crop(img, *size) for img in images]       # A1111's resize mode 1
     if len(images) == 1:
         init = images[0]                             # the request resizes it (Lanczos: A1111's "Just resize")
     else:                                            # one tensor for the batch, each image at the size first

@@ -85,17 +85,6 @@ def text_chunks(img: Image.Image) -> dict[str, str]:
     return items
 
 
-def crop_resize(img: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize mode 1, "Crop and resize": scale to cover width x height, centre, cut the rest."""
-    ratio, src_ratio = width / height, img.width / img.height
-    src_w = width if ratio > src_ratio else img.width * height // img.height
-    src_h = height if ratio <= src_ratio else img.height * width // img.width
-    resized = img.resize((src_w, src_h), resample=Image.LANCZOS)
-    out = Image.new("RGB", (width, height))
-    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-    return out
-
-
 def to_unit_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> [3,H,W] float32 in [0, 1] (the Python API's tensor convention)."""
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
