@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference import TINY, engine_models, reference_models
+from reference import TINY, engine_models, pipeline_components, reference_models
 from sd15.models.demo import PREFIX, random_state_dict, tiny_metadata
 from tools.make_checkpoint import save
 
@@ -37,6 +37,24 @@ def nine_ckpt_file(nine_state_dict, tmp_path_factory):
     path = tmp_path_factory.mktemp("inpaint") / "tiny-inpainting.safetensors"
     save(nine_state_dict, path, metadata=tiny_metadata())
     return path
+
+
+@pytest.fixture(scope="session")
+def inpaint_models(tiny_ckpt_file, nine_ckpt_file, tiny_models, nine_state_dict, reference_tokenizer_files):
+    """{4: (our pipeline, diffusers' components), 9: (...)}: an ordinary and an inpainting tiny checkpoint."""
+    import dataclasses
+
+    import sd15
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+    nine = reference_models(nine_state_dict, dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet,
+                                                                                                in_channels=9)))
+    tokenizer = ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77)
+    out = {}
+    for channels, path, ref in ((4, tiny_ckpt_file, tiny_models[0]), (9, nine_ckpt_file, nine)):
+        pipe = sd15.load(path, device="cpu")
+        assert pipe.unet.cfg.in_channels == channels == ref.unet.config.in_channels
+        out[channels] = pipe, pipeline_components(ref, tokenizer)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,8 @@ from sd15.files.remap import remap
 
 __all__ = ["Configs", "FULL", "TINY", "Models", "POSITION_IDS", "reference_models", "reference_unet", "reference_vae",
            "reference_text_encoder", "diffusers_unet_config", "diffusers_vae_config", "clip_text_config",
-           "engine_models", "component", "rel_err", "pixel_stats", "toy_eps", "recording", "SD15_SCHEDULER", "SCHEDULERS", "reference_scheduler",
-           "diffusers_steps"]
+           "engine_models", "component", "rel_err", "pixel_stats", "toy_eps", "recording", "SD15_SCHEDULER", "SCHEDULERS",
+           "reference_scheduler", "diffusers_steps", "pipeline_components"]
 
 
 FULL = Configs()                                  # sd15.models.loading's: the configs sd15.load builds with
@@ -84,6 +84,13 @@ def recording(model, log):
         log.append((x.clone(), float(t)))
         return model(x, t)
     return eps_model
+
+
+def pipeline_components(ref: Models, tokenizer) -> dict:
+    """The components of a diffusers StableDiffusion*Pipeline from reference models (the scheduler is added
+    per run, by `diffusers_steps`)."""
+    return dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def diffusers_steps(cls, components: dict, sampler: str, seed: int, **kwargs):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import diffusers_steps, rel_err
+from reference import pipeline_components, diffusers_steps, rel_err
 from sd15.models.loading import load_controlnet
 from sd15.pipeline.control import Control
 from sd15.pipeline.request import Request
@@ -48,10 +48,7 @@ def ours(tiny_ckpt_file):
 
 @pytest.fixture(scope="module")
 def reference(tiny_models, reference_tokenizer_files):
-    ref = tiny_models[0]
-    return dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet,
-                tokenizer=ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_components(tiny_models[0], ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77))
 
 
 @pytest.fixture(scope="module")

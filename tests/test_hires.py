@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import reference_scheduler, rel_err
+from reference import pipeline_components, reference_scheduler, rel_err
 from sd15.pipeline import hires
 from sd15.pipeline.hires import Hires
 from sd15.pipeline.request import Request
@@ -32,10 +32,7 @@ def ours(tiny_ckpt_file):
 
 @pytest.fixture(scope="module")
 def components(tiny_models, reference_tokenizer_files):
-    ref = tiny_models[0]
-    return dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet,
-                tokenizer=ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_components(tiny_models[0], ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77))
 
 
 def reference_hires(components, sampler, seed, upscale, steps, hires_steps, strength, size=(32, 32)):

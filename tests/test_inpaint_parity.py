@@ -41,8 +41,8 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import (diffusers_steps, FULL, TINY, engine_models, pixel_stats, reference_models, reference_scheduler, reference_unet,
-                       rel_err)
+from reference import (FULL, diffusers_steps, engine_models, pixel_stats, reference_models, reference_scheduler,
+                       reference_unet, rel_err)
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from sd15.models.demo import PREFIX
 from sd15.models.latents import LATENT_SCALE
@@ -85,20 +85,6 @@ def tokenizer(reference_tokenizer_files):
     return ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77)
 
 
-@pytest.fixture(scope="module")
-def models(tiny_ckpt_file, nine_ckpt_file, tiny_models, nine_state_dict, tokenizer):
-    """{4: (ours, reference components), 9: (...)}"""
-    nine = reference_models(nine_state_dict, dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet,
-                                                                                                in_channels=9)))
-    out = {}
-    for channels, path, ref in ((4, tiny_ckpt_file, tiny_models[0]), (9, nine_ckpt_file, nine)):
-        pipe = sd15.load(path, device="cpu")
-        assert pipe.unet.cfg.in_channels == channels == ref.unet.config.in_channels
-        out[channels] = pipe, dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return out
-
-
 # ---- running both sides --------------------------------------------------------------------------
 
 def run_ours(pipe, request: Request):
@@ -138,8 +124,8 @@ CASES = [(ch, sampler, strength) for ch in (4, 9) for sampler in ("euler_a", "dp
 
 
 @pytest.mark.parametrize("channels,sampler,strength", CASES, ids=[f"{c}ch-{s}-{t}" for c, s, t in CASES])
-def test_inpaint_matches_diffusers(models, channels, sampler, strength):
-    pipe, components = models[channels]
+def test_inpaint_matches_diffusers(inpaint_models, channels, sampler, strength):
+    pipe, components = inpaint_models[channels]
     image, mask, steps, seed = picture(), mask_picture(), 6, 1000 + channels
     ours_images, ours_steps = run_ours(pipe, Request(
         sampler=sampler, seed=seed, steps=steps, batch_size=2, init_image=image, strength=strength,
@@ -157,10 +143,10 @@ def test_inpaint_matches_diffusers(models, channels, sampler, strength):
     print(f"{channels}ch {sampler} strength {strength}: latents {lat:.1e}, decoded {dec:.1e}")
 
 
-def test_a_mask_of_another_size_is_resized_as_diffusers_does(models):
+def test_a_mask_of_another_size_is_resized_as_diffusers_does(inpaint_models):
     """A 32x24 mask for a 64x48 image: resized (Lanczos, after the blur) to the image, then >= 0.5, exactly
     what diffusers' mask processor does with it, so the runs still agree."""
-    pipe, components = models[4]
+    pipe, components = inpaint_models[4]
     image, small = picture(), mask_picture(W // 2, H // 2)
     masks = Inpaint(small, blur=0).processed((W, H))
     resized = np.asarray(small.resize((W, H), resample=Image.LANCZOS), dtype=np.float32) / 255
@@ -176,12 +162,12 @@ def test_a_mask_of_another_size_is_resized_as_diffusers_does(models):
 
 # ---- 2. a 9-channel UNet without a mask ----------------------------------------------------------
 
-def test_inpainting_model_txt2img_is_diffusers_with_a_grey_image_and_a_white_mask(models):
+def test_inpainting_model_txt2img_is_diffusers_with_a_grey_image_and_a_white_mask(inpaint_models):
     """txt2img with a 9-channel UNet: the mask all ones over a grey image. In diffusers the masked image is
     image·(mask < 0.5) = 0 everywhere, grey in [-1, 1] whatever the image, so a mid-grey image and an
     all-white mask at strength 1 is the same generation, with the same draws (noise, then the masked image's
     posterior sample)."""
-    pipe, components = models[9]
+    pipe, components = inpaint_models[9]
     grey, white = torch.full((1, 3, H, W), 0.5), Image.new("L", (W, H), 255)
 
     def both():
@@ -203,10 +189,10 @@ def test_inpainting_model_txt2img_is_diffusers_with_a_grey_image_and_a_white_mas
     print(f"9ch txt2img: latents {lat:.1e}, decoded {dec:.1e} (CPU fast path: latents {fast:.1e})")
 
 
-def test_inpainting_model_img2img_is_diffusers_with_a_white_mask(models):
+def test_inpainting_model_img2img_is_diffusers_with_a_white_mask(inpaint_models):
     """img2img (no mask) with a 9-channel UNet: diffusers' inpainting with an all-white mask (its draws: the
     image's posterior sample, the noise, the masked, i.e. grey, image's)."""
-    pipe, components = models[9]
+    pipe, components = inpaint_models[9]
     image, white = picture(), Image.new("L", (W, H), 255)
     _, ours_steps = run_ours(pipe, Request(sampler="dpmpp_2m_karras", seed=22, steps=6, init_image=image,
                                            strength=0.6, **common()))
@@ -219,10 +205,10 @@ def test_inpainting_model_img2img_is_diffusers_with_a_white_mask(models):
 # ---- paste-back ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [4, 9])
-def test_paste_back_keeps_every_pixel_outside_the_overlay_mask(models, channels):
+def test_paste_back_keeps_every_pixel_outside_the_overlay_mask(inpaint_models, channels):
     """A1111's blur 4: outside the overlay mask (0) the returned pixels are the input's, exactly; where it is
     1 they are the decoded generation's; inside the mask the picture changed."""
-    pipe, _ = models[channels]
+    pipe, _ = inpaint_models[channels]
     image, mask = picture(), Image.new("L", (W, H), 0)
     mask.paste(255, (24, 16, 44, 34))
     request = Request(PROMPT, sampler="euler_a", seed=3, steps=4, batch_size=2, init_image=image, strength=0.6,
@@ -299,8 +285,8 @@ def test_mask_blur_is_a_gaussian_with_reflected_borders():
 # ---- 4. the a1111 blend: the x0 prediction follows the image outside the mask -------------------
 
 @pytest.mark.parametrize("sampler,strength", [("euler_a", 0.6), ("ddim", 1.0), ("dpmpp_2m_karras", 0.6)])
-def test_a1111_blend_keeps_the_clean_latents_outside_the_mask(models, monkeypatch, sampler, strength):
-    pipe, components = models[4]
+def test_a1111_blend_keeps_the_clean_latents_outside_the_mask(inpaint_models, monkeypatch, sampler, strength):
+    pipe, components = inpaint_models[4]
     image, mask = picture(), mask_picture()
     calls, seen = [], {}
     real = stages.blended
@@ -370,8 +356,8 @@ def test_the_forms_of_inpaint_agree():
 
 
 @pytest.mark.parametrize("channels", [4, 9])
-def test_an_empty_mask_returns_the_image_unchanged_with_a_warning(models, channels, caplog):
-    pipe, _ = models[channels]
+def test_an_empty_mask_returns_the_image_unchanged_with_a_warning(inpaint_models, channels, caplog):
+    pipe, _ = inpaint_models[channels]
     image = picture()
     calls = []
     with caplog.at_level(logging.WARNING, "sd15"):

@@ -29,7 +29,6 @@ Known difference, not tested against diffusers: without width/height we paint at
 (rounded down to multiples of 8); diffusers' default is the UNet's sample size, A1111's the UI's 512x512.
 """
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -37,10 +36,8 @@ import pytest
 from diffusers import StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from transformers import CLIPTokenizer as ReferenceTokenizer
 
-import sd15
-from reference import diffusers_steps, TINY, pixel_stats, reference_models, rel_err
+from reference import diffusers_steps, pixel_stats, rel_err
 from sd15.pipeline.infotext import parse_infotext
 from sd15.pipeline.masks import Inpaint
 from sd15.pipeline.only_masked import Paste, crop_region, expand_crop_region, paste, resize_crop, resize_fill
@@ -230,22 +227,6 @@ def binary_mask(name: str) -> Image.Image:
 GEOMETRY = {"square": (8, 64, 48), "strip": (0, 48, 64), "corner": (32, 64, 48)}   # padding, width, height
 
 
-@pytest.fixture(scope="module")
-def models(tiny_ckpt_file, tiny_models, nine_state_dict, nine_ckpt_file, reference_tokenizer_files):
-    """{4: (ours, reference components), 9: (...)}"""
-    nine_file = nine_ckpt_file
-    nine = reference_models(nine_state_dict, dataclasses.replace(TINY, unet=dataclasses.replace(TINY.unet,
-                                                                                                in_channels=9)))
-    tokenizer = ReferenceTokenizer(*reference_tokenizer_files, model_max_length=77)
-    out = {}
-    for channels, path, ref in ((4, tiny_ckpt_file, tiny_models[0]), (9, nine_file, nine)):
-        pipe = sd15.load(path, device="cpu")
-        assert pipe.unet.cfg.in_channels == channels == ref.unet.config.in_channels
-        out[channels] = pipe, dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return out
-
-
 def run_reference(components, sampler, seed, **kwargs):
     out, steps = diffusers_steps(StableDiffusionInpaintPipeline, components, sampler, seed, output_type="pil", **kwargs)
     return out.images, steps
@@ -258,8 +239,8 @@ RUNS = [(4, "euler_a", 1.0, "square"), (4, "dpmpp_2m_karras", 0.6, "strip"), (4,
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("channels,sampler,strength,geometry", RUNS, ids=["-".join(map(str, r)) for r in RUNS])
-def test_only_masked_matches_diffusers_padding_mask_crop(models, channels, sampler, strength, geometry):
-    pipe, components = models[channels]
+def test_only_masked_matches_diffusers_padding_mask_crop(inpaint_models, channels, sampler, strength, geometry):
+    pipe, components = inpaint_models[channels]
     (pad, width, height), image, mask = GEOMETRY[geometry], picture(), binary_mask(geometry)
     steps, seed = 6, 2000 + channels
     ours_steps = []
@@ -297,11 +278,11 @@ def test_only_masked_matches_diffusers_padding_mask_crop(models, channels, sampl
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_the_default_processing_size_is_the_image_s(models):
+def test_the_default_processing_size_is_the_image_s(inpaint_models):
     """Without width/height we paint the crop at the init image's size rounded down to multiples of 8
     (96x72 here); diffusers' default is the UNet's sample size (512 for SD1.5; A1111's, the UI's 512x512),
     so diffusers is given 96x72."""
-    pipe, components = models[9]
+    pipe, components = inpaint_models[9]
     image, mask = picture(), binary_mask("corner")
     ours_steps = []
     ours = pipe.inpaint(image, mask, PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, mask_blur=0,
@@ -322,11 +303,11 @@ def test_the_default_processing_size_is_the_image_s(models):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("channels,blur", [(4, 4), (9, 0), (9, 2.5)])
-def test_outside_the_mask_every_pixel_is_the_original_s(models, channels, blur):
+def test_outside_the_mask_every_pixel_is_the_original_s(inpaint_models, channels, blur):
     """With A1111's mask blur too: wherever the blurred mask is 0 (all of the picture outside the crop
     among it) the pixels are the input's, exactly; where it is 255, the generation's; the infotext is the
     whole request's, A1111's keys."""
-    pipe, _ = models[channels]
+    pipe, _ = inpaint_models[channels]
     image, mask, (pad, width, height) = picture(), binary_mask("block"), GEOMETRY["square"]
     out = pipe.inpaint(image, mask, PROMPT, strength=0.8, mask_blur=blur, only_masked=True, padding=pad,
                        width=width, height=height, steps=4, sampler="euler_a", seed=11, batch_size=2)
@@ -356,8 +337,8 @@ def test_outside_the_mask_every_pixel_is_the_original_s(models, channels, blur):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("size", [None, (64, 48)], ids=["image-size", "processing-size"])
-def test_an_empty_mask_returns_the_image_unchanged_with_a_warning(models, size, caplog):
-    pipe, _ = models[4]
+def test_an_empty_mask_returns_the_image_unchanged_with_a_warning(inpaint_models, size, caplog):
+    pipe, _ = inpaint_models[4]
     image = picture()
     calls = []
     width, height = size or (None, None)

@@ -37,7 +37,8 @@ from PIL import Image
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
 import sd15
-from reference import diffusers_steps, FULL, SCHEDULERS, engine_models, pixel_stats, reference_models, rel_err
+from reference import (FULL, SCHEDULERS, diffusers_steps, engine_models, pixel_stats, pipeline_components,
+                       reference_models, rel_err)
 from sd15.models.latents import LATENT_SCALE
 from sd15.conditioning.tokenizer import CLIPTokenizer
 from tools.make_checkpoint import random_full_state_dict
@@ -71,9 +72,7 @@ def tokenizer(reference_tokenizer_files):
 @pytest.fixture(scope="module")
 def reference(tiny_models, tokenizer):
     """Components for diffusers' pipelines; the scheduler is added per call."""
-    ref = tiny_models[0]
-    return dict(vae=ref.vae, text_encoder=ref.text_encoder, unet=ref.unet, tokenizer=tokenizer,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipeline_components(tiny_models[0], tokenizer)
 
 
 # ---- running both sides --------------------------------------------------------------------------
