@@ -42,7 +42,7 @@ from ..sampling.seeds import A1111Noise
 from . import control, hires, validation, vae_io
 from .masks import a1111_fill
 from .masks import paste_back as masks_paste_back
-from .images import Pixels, pil_to_tensor, tensor_to_pil
+from .images import pil_to_tensor, tensor_to_pil
 from .request import ModelInfo, Request
 
 if TYPE_CHECKING:
@@ -261,15 +261,9 @@ def with_controls(models: Models, run: Run):
         return models.unet
     f = models.vae.cfg.downscale
     width, height = run.latent_shape[3] * f, run.latent_shape[2] * f
-    mask = None
-    if r.inpaint is not None:
-        mask = r.inpaint.processed(r.init_image.size).binary
-    init = r.init_image
-    if init is not None and init.size != (width, height):    # the hires pass: its own, larger size
-        init = Pixels.of(init, (width, height))
-    if mask is not None and tuple(mask.shape[-2:]) != (height, width):
-        mask = torch.nn.functional.interpolate(mask, size=(height, width))
-    hints = [c.hint(width, height, init, mask) for c in r.control]
+    # An init image is at the generation size already (the request resized it); a hires pass has none.
+    mask = r.inpaint.processed(r.init_image.size).binary if r.inpaint is not None else None
+    hints = [c.hint(width, height, r.init_image, mask) for c in r.control]
     return control.controlled(models.unet, r.control, hints, models.vae.cfg.latent_channels)
 
 
