@@ -119,6 +119,19 @@ class Linear(nn.Linear):
         deltas = _deltas_for(self)
         return _plus_deltas(out, x, deltas) if deltas else out
 
+    def forward_part(self, x: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+        """`self(x).chunk(parts, -1)[index]` computed alone, as one matmul with those rows of the weight: the
+        result is a tensor of its own, contiguous, that the caller may overwrite (see unet.GEGLU)."""
+        weight = self.weight.chunk(parts)[index]
+        bias = None if self.bias is None else self.bias.chunk(parts)[index]
+        if cpu_fast_path(x):
+            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        else:
+            out = F.linear(x, weight, bias)
+        for delta in _deltas_for(self):
+            out = out + delta(x).chunk(parts, -1)[index]
+        return out
+
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d; on the CPU fast path, channels-last input and a prepacked weight.

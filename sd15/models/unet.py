@@ -97,8 +97,14 @@ class GEGLU(nn.Module):
         self.out = Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(value * F.gelu(gate))
+        if torch.is_grad_enabled():
+            value, gate = self.proj(x).chunk(2, dim=-1)
+            return self.out(value * F.gelu(gate))
+        # Inference: `proj`'s two halves as two matmuls, each a fresh contiguous tensor, gated in place. The
+        # [tokens, 8C] output of one matmul and the two strided passes over it are never made (168 MB at
+        # 64x64 latents in float32); the GEGLU took 0.84x the time in float32, 0.61x in bf16 (BENCHMARKS.md).
+        gate = torch.ops.aten.gelu_(self.proj.forward_part(x, 1, 2))
+        return self.out(self.proj.forward_part(x, 0, 2).mul_(gate))
 
 
 class TransformerBlock(nn.Module):
