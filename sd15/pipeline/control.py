@@ -33,6 +33,7 @@ resized to the generation size per `resize_mode`, then run through the preproces
 from __future__ import annotations
 
 import math
+import contextlib
 import types
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -78,9 +79,11 @@ def load_controlnet(path: str | Path, pipe=None, *, device=None, dtype=None,
     ControlNet; by default, when the file name contains "shuffle" (A1111's rule: the file does not say)."""
     from ..files.hashing import legacy_hash
     from ..models.loading import load_controlnet as load_net
-    unet = pipe.unet if pipe is not None else None
-    net, state = load_net(path, unet=unet, device=device if device is not None else getattr(pipe, "device", None),
-                          dtype=dtype if dtype is not None else getattr(pipe, "dtype", None))
+    # A "difference" file adds the UNet's own weights: the originals, not a LoRA kept merged in them.
+    with pipe.original_weights() if pipe is not None else contextlib.nullcontext():
+        net, state = load_net(path, unet=pipe.unet if pipe is not None else None,
+                              device=device if device is not None else getattr(pipe, "device", None),
+                              dtype=dtype if dtype is not None else getattr(pipe, "dtype", None))
     path = Path(path)
     pool = "shuffle" in path.name.lower() if global_pool is None else bool(global_pool)
     return ControlNetFile(net, path.stem, legacy_hash(path), pool, tuple(state.quirks))

@@ -7,6 +7,10 @@
 Threads: `generate` (and the conveniences) may run on several threads at once on one pipeline; they
 share the models read-only. Setting up is not thread-safe: `compile()`, replacing a model, or merging a
 weight delta while a generation runs.
+
+LoRAs in "merge" mode stay merged after their generation, as in A1111: the next generation with the same
+set starts at once, and one with another set (or none) first puts the original weights back. Code that
+reads the weights themselves does so inside `with pipe.original_weights():`.
 """
 
 import contextlib
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..adapters import Loras, merged, on_the_fly
+from ..adapters import KeptMerge, Loras, Use, on_the_fly
 from ..conditioning import CLIPTokenizer
 from ..conditioning.embeddings import Embedding, Embeddings
 from ..conditioning.prompts import Conditioning, PromptEncoder, encode_conditioning
@@ -48,12 +52,14 @@ class Pipeline:
     quirks: list[str] = field(default_factory=list)
     embeddings: Embeddings | None = None        # textual-inversion embeddings by trigger word (see add_embedding)
     loras: Loras | None = None                  # the LoRA folders <lora:name> tags are found in
-    lora_mode: str = "merge"                    # "merge": into the weights per generation; "on_the_fly"
+    lora_mode: str = "merge"                    # "merge": into the weights (kept until the set changes); "on_the_fly"
     _hash: str | None = field(default=None, init=False, repr=False)
     _models_lock: SharedExclusive = field(default_factory=SharedExclusive, init=False, repr=False)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _kept: KeptMerge = field(init=False, repr=False)
 
     def __post_init__(self):
+        self._kept = KeptMerge(self.text_encoder, self.unet)
         if self.embeddings is None:
             self.embeddings = Embeddings(self.tokenizer, self.text_encoder.cfg.width)
         if self.loras is None:
@@ -74,7 +80,7 @@ class Pipeline:
         run = stages.prepare(self, request)
         if stages.inpaint_mask_is_empty(run):
             image = run.request.init_image
-            with self._models_lock.shared(), torch.inference_mode():
+            with self._models_for([], merge=False), torch.inference_mode():
                 cond = stages.conditioning(self, run)
             return stages.annotate(image.tensor.repeat(run.latent_shape[0] // len(image), 1, 1, 1), run,
                                    self.model_info, cond, [])
@@ -84,12 +90,7 @@ class Pipeline:
         if compiled and (unmerged or set(active_deltas()) & set(self.unet.modules())):
             raise ValueError("a compiled UNet does not see on-the-fly weight deltas (torch.compile cannot "
                              "trace them): use lora_mode='merge', or do not compile")
-        if uses and not unmerged:      # the models change for this generation: it has them alone
-            lock, apply = self._models_lock.exclusive(), merged(self.text_encoder, self.unet, uses)
-        else:
-            lock = self._models_lock.shared()
-            apply = on_the_fly(self.text_encoder, self.unet, uses) if uses else contextlib.nullcontext()
-        with lock, apply, torch.inference_mode():
+        with self._models_for(uses, merge=not unmerged), torch.inference_mode():
             cond = stages.conditioning(self, run)
             start = stages.initial_latents(self, run)
             hires = run.request.hires
@@ -102,6 +103,30 @@ class Pipeline:
                 latents = stages.hires_pass(self, run, latents, progress)
             pixels = stages.paste_back(self, run, stages.decode(self, latents))
         return stages.annotate(pixels, run, self.model_info, cond, uses)
+
+    @contextlib.contextmanager
+    def _models_for(self, uses: list[Use], merge: bool):
+        """The models as a generation needs them (`uses` merged, or the original weights with `uses` on the
+        fly), held so until it ends: shared with other generations that need the same, alone to change."""
+        wanted = uses if merge else []
+        on_top = on_the_fly(self.text_encoder, self.unet, uses) if uses and not merge else contextlib.nullcontext()
+        with self._models_lock.shared():
+            if self._kept.holds(wanted):
+                with on_top:
+                    yield
+                return
+        with self._models_lock.exclusive():
+            self._kept.switch(wanted)
+            with on_top:
+                yield
+
+    @contextlib.contextmanager
+    def original_weights(self):
+        """The models with their original weights (any LoRA still merged from the last generation is taken
+        out first), held so within the block: no generation changes or uses them meanwhile."""
+        with self._models_lock.exclusive():
+            self._kept.restore()
+            yield
 
     def outpaint(self, image, prompt: str | list[str], *, left: int = 0, right: int = 0, top: int = 0,
                  bottom: int = 0, mask_blur: float = 4, **inpaint_options) -> list[Image.Image]:
