@@ -3,8 +3,8 @@
 import sys
 
 if __name__ == "__main__":
-    from sd15.process import use_huge_pages
-    use_huge_pages()           # before torch is imported: only where the process is ours
+    from sd15.process import use_fast_memory
+    use_fast_memory()          # before torch is imported: only where the process is ours
 
 from sd15.cli.generate import CKPT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, build_parser, main  # noqa: E402
 

@@ -244,4 +244,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from sd15.process import use_fast_memory
+    use_fast_memory()          # before torch is imported: only where the process is ours
     sys.exit(main())
