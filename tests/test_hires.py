@@ -77,7 +77,11 @@ def test_pixel_hires_equals_diffusers_txt2img_lanczos_img2img(ours, components):
     images, steps = our_latents(ours, request)
     upscale = ("pil", lambda ims: [im.resize((64, 64), resample=Image.LANCZOS) for im in ims])
     ref, _ = reference_hires(components, "euler", 5, upscale, 4, 3, 0.75)
-    assert rel_err(steps[-1][2], ref) <= 1e-5
+    # Between the passes the image is 8-bit (PIL, as in A1111 and diffusers): float-rounding differences
+    # of the first pass (~1e-7, as the latent test above shows) can flip a pixel by one level, which the
+    # encoder carries into the second pass: measured 3.1e-5 with the GEGLU's halves as two matmuls, <1e-5
+    # with one. A wrong upscaler, strength or step count moves it by 1e-2 or more.
+    assert rel_err(steps[-1][2], ref) <= 1e-4
 
 
 def test_a1111_step_arithmetic():
@@ -118,13 +122,28 @@ def test_resize_with_crop_through_the_pipeline(ours):
 
 
 def test_every_upscaler_runs_and_differs(ours):
-    results = {}
+    """Each upscaler through the pipeline; their own outputs all differ, but one pair: when enlarging,
+    torch's antialiased bilinear filter is the plain bilinear one (the antialias widens it only to shrink),
+    so "Latent" and "Latent (antialiased)" agree to float rounding, in A1111 as here."""
+    images = {}
     for name in hires.UPSCALERS:
         img = ours.generate(Request(PROMPT, width=32, height=32, steps=2, seed=3, sampler="euler",
                                     hires=Hires(scale=1.5, upscaler=name, steps=2)))[0]
         assert img.size == (48, 48), name
-        results[name] = np.asarray(img).tobytes()
-    assert len(set(results.values())) == len(results)
+        images[name] = np.asarray(img, dtype=np.int16)
+    assert np.abs(images["Latent"] - images["Latent (nearest)"]).max() > 16
+    assert np.abs(images["Latent"] - images["Lanczos"]).max() > 16
+    t = hires.target(32, 32, Hires(scale=1.5))
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    pattern = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    out = {name: hires.upscale_latents(latents, t, name) for name in hires.LATENT_UPSCALERS}
+    out |= {name: hires.upscale_pixels([pattern], t, name) for name in hires.PIXEL_UPSCALERS}
+    assert all(o.shape[-2:] == (6, 6) for n, o in out.items() if n.startswith("Latent"))
+    assert torch.allclose(out["Latent"], out["Latent (antialiased)"], atol=1e-6)
+    for kind in ([n for n in hires.LATENT_UPSCALERS if n != "Latent (antialiased)"], list(hires.PIXEL_UPSCALERS)):
+        for i, a in enumerate(kind):
+            for b in kind[i + 1:]:
+                assert (out[a].float() - out[b].float()).abs().max() > 1e-2, (a, b)
 
 
 def test_hires_sampler_and_prompts_are_the_second_pass_own(ours):
