@@ -38,7 +38,7 @@ OPTIONS = ["--prompt", "--negative-prompt", "--ckpt", "--vae", "--ema", "--demo"
            "--hr-sampler", "--hr-prompt", "--hr-negative-prompt", "--mask", "--mask-blur", "--invert-mask",
            "--masked-content", "--inpaint-blend", "--inpaint-only-masked", "--mask-padding", "--outpaint",
            "--controlnet", "--control-image", "--control-strength", "--control-start", "--control-end",
-           "--control-mode", "--control-preprocess", "--control-resize"]
+           "--control-mode", "--control-preprocess", "--control-resize", "--int8"]
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet: faster steps on a GPU, but every run pays minutes of compiling "
                         "first (partly cached on disk between runs), so it pays only for many steps or a big "
                         "batch; on CPU the default eager path is faster")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU, float32 only: run the UNet's linear and conv layers in int8 (oneDNN; opt-in, "
+                        "~5e-2 relative error per step). Faster than float32, slower than --dtype bfloat16 on "
+                        "CPUs with AVX512-BF16 (BENCHMARKS.md, \"int8\")")
     p.add_argument("--mask", help="inpaint: repaint the init image where this image is white (RGBA: its alpha)")
     p.add_argument("--mask-blur", type=float, help="inpaint: A1111's mask blur in pixels (default 4)")
     p.add_argument("--invert-mask", action="store_true", help="inpaint: repaint where the mask is black")
@@ -287,9 +291,17 @@ def read_infotext(path: Path) -> str:
     return text
 
 
+def _device_type(name: str | None) -> str:
+    import torch
+    return torch.device(name).type if name else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_files(args) -> None:
     """Files and the device, checked before anything loads."""
     check_device(args.device)
+    if args.int8 and (args.dtype not in ("auto", "float32") or args.compile or _device_type(args.device) != "cpu"):
+        raise ValueError("--int8 is for the float32 CPU engine: use it without --dtype (or with float32), without "
+                         "--compile, and with --device cpu")
     if args.demo and args.vae is not None:
         raise ValueError("--demo runs its own tiny model, whose VAE no real VAE file fits; drop --vae")
     for flag, given, env in (("--embeddings-dir", args.embeddings_dir, EMBEDDINGS_ENV),
@@ -364,6 +376,9 @@ def load_pipeline(args, tmp: Path):
         pipe = load(args.ckpt, vae=args.vae, device=args.device, dtype=dtype, ema=args.ema,
                     embedding_dirs=folders(args.embeddings_dir), lora_dirs=folders(args.lora_dir, LORAS_ENV))
     pipe.lora_mode = args.lora_mode
+    if args.int8:
+        from ..models.int8 import quantize_int8
+        quantize_int8(pipe.unet)
     return pipe
 
 
