@@ -23,7 +23,7 @@ def results(tmp_path_factory, one_thread):
     ckpt, out = tmp / "tiny.safetensors", tmp / "results.json"
     save(random_state_dict(seed=3), ckpt, metadata=tiny_metadata())
     argv = ["--ckpt", str(ckpt), "--device", "cpu", "--size", "64", "--repeats", "1", "--steps", "2",
-            "--only", "load,unet,decode,encode,text,txt2img,flops", "--load-repeats", "1",
+            "--only", "load,unet,decode,encode,text,txt2img,lcm,flops", "--load-repeats", "1",
             "--matmul-size", "128", "--out", str(out)]
     assert benchmark.main(argv) == 0
     return json.loads(out.read_text())
@@ -35,7 +35,7 @@ def positive(x) -> bool:
 
 def test_every_row_has_positive_finite_times(results):
     rows = {r["key"]: r for r in results["rows"]}
-    assert set(rows) == {*MODEL_ROWS, "txt2img"}
+    assert set(rows) == {*MODEL_ROWS, "txt2img", "lcm"}
     for r in rows.values():
         for field in ("ours_s", "diffusers_s", "ratio", "cpu_ratio"):
             assert positive(r[field]), (r["key"], field, r[field])
@@ -50,6 +50,9 @@ def test_engines_agree(results):
     for key in MODEL_ROWS:
         assert rows[key]["max_rel_diff"] < 1e-4, (key, rows[key]["max_rel_diff"])
     assert rows["txt2img"]["max_rel_diff"] <= 2 / 255         # pixel difference / 255
+    # LCM-LoRA merged into both (ours from the request, diffusers' fuse_lora), LCM sampler vs LCMScheduler.
+    assert rows["lcm"]["max_rel_diff"] <= 2 / 255
+    assert positive(rows["lcm"]["ours_first_s"]) and rows["lcm"]["name"].startswith("txt2img 64x64, LCM-LoRA")
 
 
 def test_shapes_come_from_the_checkpoints_configs(results):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import sd15.process
 
-sd15.process.use_huge_pages()
+sd15.process.use_fast_memory()
 
 import numpy as np  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sd15.process
 
-sd15.process.use_huge_pages()
+sd15.process.use_fast_memory()
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -29,8 +29,9 @@ from tools.make_checkpoint import random_full_state_dict  # noqa: E402
 SKIPPED = ("input_blocks_0_0", "out_2", "time_embed_")   # conv_in, conv_out, the time MLP: not LCM-LoRA's
 
 
-def lcm_lora(pipe, path: Path, rank: int = 64) -> int:
-    """Write a random LoRA on LCM-LoRA's modules; returns its parameter count."""
+def lcm_lora(pipe, path: Path, rank: int = 64, names: dict[str, str] | None = None) -> int:
+    """Write a random LoRA on LCM-LoRA's modules; returns its parameter count. Keys are kohya's, with LDM
+    module names, or those `names` gives for them (LDM name -> another spelling, e.g. diffusers')."""
     index = module_index(pipe.unet.cfg, pipe.text_encoder.cfg)
     g = torch.Generator().manual_seed(0)
     tensors, count = {}, 0
@@ -43,9 +44,10 @@ def lcm_lora(pipe, path: Path, rank: int = 64) -> int:
         w = module.weight
         down = torch.randn(rank, *w.shape[1:], generator=g) / w[0].numel() ** 0.5
         up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.01
-        tensors[f"lora_unet_{name}.lora_down.weight"] = down
-        tensors[f"lora_unet_{name}.lora_up.weight"] = up
-        tensors[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
+        key = f"lora_unet_{(names or {}).get(name, name)}"
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
         count += down.numel() + up.numel()
     save_file(tensors, str(path))
     return count

@@ -18,7 +18,7 @@ import torch
 LOAD_SNIPPET = r"""
 import sys, time
 import sd15.process
-sd15.process.use_huge_pages()
+sd15.process.use_fast_memory()
 import sd15
 import torch
 def vm(key):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sd15.process
 
-sd15.process.use_huge_pages()
+sd15.process.use_fast_memory()
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

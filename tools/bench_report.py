@@ -25,6 +25,9 @@ def rows_markdown(results: dict) -> list[str]:
     for r in rows:
         if "ours_it_s" in r:
             out.append(f"{r['name']}: it/s ours {r['ours_it_s']:.2f}, diffusers {r['diffusers_it_s']:.2f}")
+        if r["key"] == "lcm":
+            out.append(f"{r['name']}: first call (ours merges the LoRA then) ours {r['ours_first_s']:.1f} s, "
+                       f"diffusers {r['diffusers_first_s']:.1f} s")
     c = results["compile"]
     if c["ours"] or c["diffusers"]:
         out.append(f"compiled (mode {c['mode'] or 'Pipeline.compile default'}): ours {c['ours']}, diffusers "
@@ -67,7 +70,8 @@ def flops_markdown(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     m = results["machine"]
     out = [f"{m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM, {m['gpu'] or 'no GPU'}, "
-           f"torch {m['torch']}, {m['threads']} threads, THP_MEM_ALLOC_ENABLE {'on' if m['thp_mem_alloc'] else 'off'}; "
+           f"torch {m['torch']}, {m['threads']} threads, THP_MEM_ALLOC_ENABLE {'on' if m['thp_mem_alloc'] else 'off'}, "
+           f"freed memory kept {'on' if m.get('keep_freed_memory') else 'off'}; "
            f"{results['device']} {results['dtype']}, {results['size']}x{results['size']}, "
            f"{results['inner']} call(s) per timed sample"]
     if m.get("load_average"):

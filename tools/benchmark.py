@@ -10,6 +10,11 @@ On a GPU (fp16 by default; each timed sample is --inner 10 calls between two syn
     python -m tools.benchmark --device cuda --only unet,txt2img --steps 20 --repeats 5 --compile
     python -m tools.benchmark --device cuda --only unet,txt2img --steps 20 --repeats 5 --compile --compile-diffusers
 
+Time to an image with LCM-LoRA (the `lcm` row: LCM sampler, 4 steps, CFG 1, a random LoRA of LCM-LoRA's shape
+merged into both engines; see compare_lcm), beside the default 25-step DPM++ 2M Karras txt2img:
+
+    python -m tools.benchmark --workdir /tmp/sd15bench --only lcm,txt2img --steps 25 --repeats 1
+
 --compile goes through `Pipeline.compile()` ("max-autotune" on CUDA unless --compile-mode says otherwise);
 --compile-diffusers compiles diffusers' UNet the same way, for the compiled-vs-compiled figure. Compiling
 happens in each row's first call, reported apart as "first call" (minutes with max-autotune).
@@ -46,7 +51,8 @@ from pathlib import Path
 
 import sd15.process
 
-HUGE_PAGES = sd15.process.use_huge_pages()   # our process: before torch is imported, as the CLI does
+MEMORY = sd15.process.use_fast_memory()   # our process (both engines): before torch is imported, as the CLI does
+HUGE_PAGES = MEMORY["huge_pages"]
 
 import sd15  # noqa: E402
 import torch  # noqa: E402
@@ -60,7 +66,7 @@ from tools import bench_anchors, bench_load, bench_report  # noqa: E402
 from tools.make_checkpoint import random_full_state_dict, save  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-SECTIONS = ("load", "unet", "decode", "encode", "text", "txt2img", "flops")
+SECTIONS = ("load", "unet", "decode", "encode", "text", "txt2img", "lcm", "flops")
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -246,7 +252,70 @@ def compare_models(args, path, raw, configs: Configs, device, dtype, tensors, an
             row["ours_it_s"], row["diffusers_it_s"] = 1 / row["ours_s"], 1 / row["diffusers_s"]
     if "txt2img" in args.only:
         rows.append(compare_txt2img(args, pipe, reference_pipeline(ref), ref.text_encoder, ids, device, anchors))
+    if "lcm" in args.only:
+        rows.append(compare_lcm(args, pipe, reference_pipeline(ref), ref.text_encoder, ids, device))
     return rows
+
+
+def _lora_modules(path: Path) -> set[str]:
+    """The module names a kohya file (written by tools.bench_lcm.lcm_lora) covers."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k.removeprefix("lora_unet_").split(".")[0] for k in f.keys()}
+
+
+def compare_lcm(args, pipe, ref_pipe, text_ref, ids, device) -> dict:
+    """Time to an image with LCM-LoRA: the LCM sampler, 4 steps, CFG 1 (one UNet pass a step), with a random
+    LoRA of LCM-LoRA's shape (`tools.bench_lcm.lcm_lora`, rank 64, 67 M parameters) merged into both engines:
+    ours from the request (merged on the first call and kept, as A1111 keeps it), diffusers' with
+    `load_lora_weights` + `fuse_lora` before the row and LCMScheduler on the SD1.5 DDIM config, as LCM-LoRA's
+    model card does. The first call of each is timed apart (ours merges then). Last, since it changes
+    both UNets; both are restored afterwards."""
+    from diffusers import DDIMScheduler, LCMScheduler
+    from sd15.adapters.names import diffusers_to_ldm
+    from tools.bench_lcm import lcm_lora
+    from tools.reference import SD15_SCHEDULER
+    lora = Path(tempfile.mkdtemp(prefix="sd15-lcm-")) / "lcm-lora-sdv1-5.safetensors"
+    # kohya keys with diffusers' module names, as kohya's SD1.5 LoRAs have them: diffusers' converter for
+    # LDM names assumes SD1.5's block layout, and a tiny checkpoint's differs; ours reads both spellings
+    diffusers_names = {diffusers_to_ldm(n.replace(".", "_"), pipe.unet.cfg): n.replace(".", "_")
+                       for n, m in ref_pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    lcm_lora(pipe, lora, names=diffusers_names)
+    ref_pipe.scheduler = LCMScheduler.from_config(DDIMScheduler(**SD15_SCHEDULER).config)
+    ref_pipe.load_lora_weights(str(lora), adapter_name="lcm")
+    wrapped = sum(1 for m in ref_pipe.unet.modules() if "lcm" in getattr(m, "lora_A", {}))
+    if wrapped != len(in_file := _lora_modules(lora)):      # a silent partial load would flatter it
+        raise RuntimeError(f"diffusers took the LCM LoRA on {wrapped} modules of the file's {len(in_file)}")
+    ref_pipe.fuse_lora()
+    images, size = {}, args.size
+    request = sd15.Request(PROMPT, sampler="lcm", steps=4, guidance_scale=1.0, seed=0, width=size, height=size,
+                           loras=[(lora, 1.0)])
+
+    def ours():
+        images["ours"] = pipe.generate(request)[0]
+
+    def theirs():   # the same work: the prompt through the text encoder, then the pipeline
+        states = text_ref(ids[1:]).last_hidden_state
+        images["ref"] = ref_pipe(prompt_embeds=states, guidance_scale=1.0, num_inference_steps=4,
+                                 generator=torch.Generator().manual_seed(0), height=size, width=size).images[0]
+
+    def pixels_diff():
+        import numpy as np
+        a, b = (np.asarray(images[k], dtype=np.int16) for k in ("ours", "ref"))
+        return float(np.abs(a - b).max()) / 255
+
+    try:
+        row = compare("lcm", f"txt2img {size}x{size}, LCM-LoRA, 4 steps LCM, CFG 1", ours, theirs,
+                      repeats=args.repeats, device=device, warmup=True, check=pixels_diff)
+    finally:
+        ref_pipe.unfuse_lora()
+        ref_pipe.unload_lora_weights()
+        with pipe.original_weights():      # our kept merge out again
+            pass
+        lora.unlink()
+        lora.parent.rmdir()
+    row["ours_it_s"], row["diffusers_it_s"] = 4 / row["ours_s"], 4 / row["diffusers_s"]
+    return row
 
 
 def compare_txt2img(args, pipe, ref_pipe, text_ref, ids, device, anchors=None) -> dict:
@@ -288,7 +357,7 @@ def machine() -> dict:
     return dict(cpu=cpu, cores=os.cpu_count(), ram_bytes=mem, torch=torch.__version__, threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 # what torch read at import (see sd15.process.use_huge_pages)
-                thp_mem_alloc=HUGE_PAGES,
+                thp_mem_alloc=HUGE_PAGES, keep_freed_memory=MEMORY["keep_freed_memory"],
                 # 1/5/15-minute load averages when the run started: on a shared machine, how busy it was
                 load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
 

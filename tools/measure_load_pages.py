@@ -27,7 +27,7 @@ VARIANTS = ("mmap, keep", "mmap + madvise", "mmap + fadvise", "pread per tensor"
 SNIPPET = r"""
 import sys, time, os, json, struct
 import sd15.process
-sd15.process.use_huge_pages()
+sd15.process.use_fast_memory()
 import torch
 import sd15
 from sd15.files.pages import MappedPages
