@@ -57,7 +57,7 @@ def keep_freed_memory() -> bool:
     most) with a fresh mmap that it unmaps when the tensor is freed: every big activation of every model
     call faults in new, kernel-zeroed pages. With mmap off and trimming off (`mallopt`), freed memory stays
     in the heap and the next call's tensors reuse it, as PyTorch's CUDA caching allocator does on a GPU. On
-    our benchmark machine a 512² VAE decode (2 threads) spent 1.2-1.9 s of its ~11 CPU-s in the kernel and
+    an AMD benchmark machine a 512² VAE decode (2 threads) spent 1.2-1.9 s of its ~11 CPU-s in the kernel and
     took 6.2 s; with this, no kernel time and 4.7 s; a UNet step 4.1 -> 3.9 s (BENCHMARKS.md). The price: the
     process keeps its peak heap (peak RSS of load + decode + UNet step: 7.3 -> 7.5 GB). Numbers are
     unaffected. Any time before the big allocations; it affects later ones only. glibc only; left alone

@@ -11,7 +11,7 @@ per chunk: scores = (q·scale) kᵀ, softmax, times v. Each chunk's scores (QUER
 size tokens x tokens is ever held. The math is the textbook formula, the same as SDPA's up to float
 rounding (float32: ~3e-7 relative, measured). In bfloat16 the scores and the softmax are computed in
 float32 (bf16 scores would cost ~2x SDPA's error on sharp attention maps) and only the probabilities
-enter the second matmul in bf16, as in SDPA's own bf16 kernel. Figures: BENCHMARKS.md ("Attention").
+enter the second matmul in bf16, as in SDPA's own bf16 kernel. Figures: BENCHMARKS.md ("Closing in on OpenVINO").
 """
 
 import os

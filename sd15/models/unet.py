@@ -102,7 +102,8 @@ class GEGLU(nn.Module):
             return self.out(value * F.gelu(gate))
         # Inference: `proj`'s two halves as two matmuls, each a fresh contiguous tensor, gated in place. The
         # [tokens, 8C] output of one matmul and the two strided passes over it are never made (168 MB at
-        # 64x64 latents in float32); the GEGLU took 0.84x the time in float32, 0.61x in bf16 (BENCHMARKS.md).
+        # 64x64 latents in float32); a whole UNet step took 0.95x the time on an AMD machine, 0.92x in bf16 on
+        # an Intel one (BENCHMARKS.md, "Closing in on OpenVINO").
         gate = torch.ops.aten.gelu_(self.proj.forward_part(x, 1, 2))
         return self.out(self.proj.forward_part(x, 0, 2).mul_(gate))
 
