@@ -19,20 +19,12 @@ import sd15.process
 
 sd15.process.use_fast_memory()
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sd15  # noqa: E402
 from sd15.models.vae_tiling import decode_tiled  # noqa: E402
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+from sd15.pipeline.images import tensor_to_pil  # noqa: E402
+from tools.bench_int8 import psnr  # noqa: E402
 
 
 def bf16_with_fallback(vae_bf16, vae_fp32):
@@ -73,14 +65,14 @@ def main() -> None:
                 outs[name] = variants[name](z).float()
                 times[name].append(time.perf_counter() - start)
     ref = outs["float32"]
-    image = to_uint8(ref)
+    image = tensor_to_pil(ref)[0]
     print(f"VAE decode {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.repeats}:")
     print(f"{'variant':<40}{'s':>8}{'/ fp32':>8}{'max rel diff':>14}{'PSNR dB':>9}")
     base = statistics.median(times["float32"])
     for name, ts in times.items():
         s = statistics.median(ts)
         diff = ((outs[name] - ref).abs().max() / ref.abs().max()).item()
-        print(f"{name:<40}{s:>8.2f}{s / base:>8.2f}{diff:>14.1e}{psnr(to_uint8(outs[name]), image):>9.1f}")
+        print(f"{name:<40}{s:>8.2f}{s / base:>8.2f}{diff:>14.1e}{psnr(tensor_to_pil(outs[name])[0], image):>9.1f}")
 
 
 if __name__ == "__main__":

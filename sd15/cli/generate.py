@@ -291,15 +291,17 @@ def read_infotext(path: Path) -> str:
     return text
 
 
-def _device_type(name: str | None) -> str:
+def _device(name: str | None):
+    """The torch device a --device value means (none: the loader's default)."""
     import torch
-    return torch.device(name).type if name else ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..models.loading import default_device
+    return torch.device(name) if name else default_device()
 
 
 def check_files(args) -> None:
     """Files and the device, checked before anything loads."""
     check_device(args.device)
-    if args.int8 and (args.dtype not in ("auto", "float32") or args.compile or _device_type(args.device) != "cpu"):
+    if args.int8 and (args.dtype not in ("auto", "float32") or args.compile or _device(args.device).type != "cpu"):
         raise ValueError("--int8 is for the float32 CPU engine: use it without --dtype (or with float32), without "
                          "--compile, and with --device cpu")
     if args.demo and args.vae is not None:

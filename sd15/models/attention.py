@@ -2,16 +2,17 @@
 
 CPU fast path for long key sequences (the UNet's self-attention at 64x64 and 32x32 latents, the VAE's
 mid-block), on CPUs that are not Intel's. PyTorch's CPU flash-attention kernel multiplies small blocks
-through MKL, and MKL runs slower code on other vendors' CPUs: on an AMD machine with AVX-512 it ran at about
-a third of oneDNN's matmul rate, in bfloat16 no faster than in float32, while on an Intel Sapphire Rapids
-SDPA was 2.7x (float32) and 5x (bf16) faster than the chunks below. So where `CHUNKED` is on (CPU vendor
-not GenuineIntel; SD15_CHUNKED_ATTENTION=1 or 0 forces it) and on the CPU fast path (`blocks.cpu_fast_path`),
-attention over >= LONG_KEYS keys is computed per head in query chunks with oneDNN's matmul and one softmax
-per chunk: scores = (q·scale) kᵀ, softmax, times v. Each chunk's scores (QUERY_CHUNK x keys) stay small enough to live in the cache, and nothing of
-size tokens x tokens is ever held. The math is the textbook formula, the same as SDPA's up to float
-rounding (float32: ~3e-7 relative, measured). In bfloat16 the scores and the softmax are computed in
-float32 (bf16 scores would cost ~2x SDPA's error on sharp attention maps) and only the probabilities
-enter the second matmul in bf16, as in SDPA's own bf16 kernel. Figures: BENCHMARKS.md ("Closing in on OpenVINO").
+through MKL, and MKL runs slower code on other vendors' CPUs: on an AMD machine with AVX-512 it ran at
+about a third of oneDNN's matmul rate, in bfloat16 no faster than in float32, while on an Intel Xeon with
+AMX SDPA was 2.7x (float32) and 5x (bf16) faster than the chunks below. So where `CHUNKED` is on (CPU
+vendor not GenuineIntel; SD15_CHUNKED_ATTENTION=1 or 0 forces it) and on the CPU fast path
+(`blocks.cpu_fast_path`), attention over >= LONG_KEYS keys is computed per head in query chunks with
+oneDNN's matmul and one softmax per chunk: scores = (q·scale) kᵀ, softmax, times v. Each chunk's scores
+(QUERY_CHUNK x keys) stay small enough to live in the cache, and nothing of size tokens x tokens is ever
+held. The math is the textbook formula, the same as SDPA's up to float rounding (float32: ~3e-7
+relative, measured). In bfloat16 the scores and the softmax are computed in float32 (bf16 scores would
+cost ~2x SDPA's error on sharp attention maps) and only the probabilities enter the second matmul in
+bf16, as in SDPA's own bf16 kernel. Figures: BENCHMARKS.md ("Closing in on OpenVINO").
 """
 
 import os

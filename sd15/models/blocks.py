@@ -78,9 +78,12 @@ def _deltas_for(module: nn.Module) -> tuple[Delta, ...]:
     return active.get(module, ()) if active else ()
 
 
-def _plus_deltas(out: torch.Tensor, x: torch.Tensor, deltas: tuple[Delta, ...]) -> torch.Tensor:
+def _plus_deltas(out: torch.Tensor, x: torch.Tensor, deltas: tuple[Delta, ...],
+                 part: tuple[int, int] | None = None) -> torch.Tensor:
+    """out + Σ delta(x); with part = (index, parts), only those output columns (Linear.forward_part)."""
     for delta in deltas:
-        out = out + delta(x)
+        d = delta(x)
+        out = out + (d if part is None else d.chunk(part[1], -1)[part[0]])
     return out
 
 
@@ -110,27 +113,27 @@ def restore_weight(module: "Linear | Conv2d", original: nn.Parameter) -> None:
 
 # ---- layers --------------------------------------------------------------------------------------------
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b: oneDNN's matmul on the CPU fast path, F.linear elsewhere."""
+    if cpu_fast_path(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_fast_path(x):
-            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:
-            out = F.linear(x, self.weight, self.bias)
+        out = _linear(x, self.weight, self.bias)
         deltas = _deltas_for(self)
         return _plus_deltas(out, x, deltas) if deltas else out
+
+    def part_parameters(self, index: int, parts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight rows and bias entries of output part `index` of `parts`."""
+        return self.weight.chunk(parts)[index], None if self.bias is None else self.bias.chunk(parts)[index]
 
     def forward_part(self, x: torch.Tensor, index: int, parts: int) -> torch.Tensor:
         """`self(x).chunk(parts, -1)[index]` computed alone, as one matmul with those rows of the weight: the
         result is a tensor of its own, contiguous, that the caller may overwrite (see unet.GEGLU)."""
-        weight = self.weight.chunk(parts)[index]
-        bias = None if self.bias is None else self.bias.chunk(parts)[index]
-        if cpu_fast_path(x):
-            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        else:
-            out = F.linear(x, weight, bias)
-        for delta in _deltas_for(self):
-            out = out + delta(x).chunk(parts, -1)[index]
-        return out
+        return _plus_deltas(_linear(x, *self.part_parameters(index, parts)), x, _deltas_for(self), (index, parts))
 
 
 class Conv2d(nn.Conv2d):

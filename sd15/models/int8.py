@@ -111,7 +111,7 @@ class _PackedWeight:
         self.source, self.version = weight, version
         bias = module.bias
         if part is not None:                               # rows `index` of `parts` (Linear.forward_part)
-            weight, bias = weight.chunk(part[1])[part[0]], None if bias is None else bias.chunk(part[1])[part[0]]
+            weight, bias = module.part_parameters(*part)
         q, self.scale = quantize_weight(weight)
         self.zero_points = torch.zeros(q.shape[0], dtype=torch.int64)   # symmetric weights
         self.bias = None if bias is None else bias.detach().float()
@@ -220,10 +220,7 @@ class Int8Linear(_Int8Weights, Linear):
         if not math.isfinite(scale):                       # inf / nan input: let float32 propagate it
             return None
         out = self._int8_weight(part).linear(quantize_activation(x, scale, zp), scale, zp)
-        for delta in _deltas_for(self):
-            d = delta(x)
-            out = out + (d if part is None else d.chunk(part[1], -1)[part[0]])
-        return out
+        return _plus_deltas(out, x, _deltas_for(self), part)
 
 
 class Int8Conv2d(_Int8Weights, Conv2d):
